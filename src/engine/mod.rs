@@ -1,0 +1,38 @@
+//! Engines: run a model over a [`TokenStream`](crate::stream::TokenStream) under a
+//! [`Strategy`](crate::strategy::Strategy) and log each scored token's NLL.
+//!
+//! The token-by-token engine keeps a real KV cache of pre-RoPE keys and is the executable
+//! reference of the spec; `recompute` runs sliding windows from scratch.
+
+pub mod recompute;
+pub mod token;
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+
+use crate::model::Llama;
+use crate::nll_log::{NllLog, NllRecord};
+use crate::strategy::Strategy;
+use crate::stream::{Target, TokenStream};
+
+/// Runs `strategy` over `stream` with the engine that implements it.
+/// `pos_shift = false` is the `--no-pos-shift` ablation (window and sink only).
+pub fn run_strategy(
+    model: &Llama,
+    strategy: Strategy,
+    pos_shift: bool,
+    stream: &TokenStream,
+    progress: &ProgressBar,
+) -> Result<NllLog> {
+    match strategy {
+        Strategy::Recompute { window, stride } => recompute::run(model, window, stride, stream, progress),
+        s => token::TokenEngine::new(model, s, pos_shift)?.run(stream, progress),
+    }
+}
+
+/// Appends the NLLs of `targets` (skipping unscored fed tokens) to `log`.
+pub(crate) fn log_targets(log: &mut NllLog, targets: &[Option<Target>], nll: &[f32]) {
+    for (t, &v) in targets.iter().flatten().zip(nll) {
+        log.push(NllRecord { position: t.position, book: t.book, token_id: t.token, nll: v });
+    }
+}

@@ -1,0 +1,47 @@
+//! Sliding window with re-computation (`recompute:W`, `recompute:W/s`): every window of up to
+//! W+1 fed tokens is run from scratch at positions 0..=W, and scores the last `s` of them
+//! (s = 1 is the exact strategy; s > 1 is the Hugging Face / llama.cpp stride approximation).
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+
+use crate::model::{AttnPlan, Llama};
+use crate::nll_log::NllLog;
+use crate::stream::TokenStream;
+
+use super::log_targets;
+
+pub fn run(model: &Llama, window: usize, stride: usize, stream: &TokenStream, progress: &ProgressBar) -> Result<NllLog> {
+    let mut log = NllLog::default();
+    let mut cache = model.new_cache(window + 1)?;
+    let n = stream.len();
+    let mut start = 0;
+    while start < n {
+        // Fed tokens start..=end are scored by the window that ends at `end`.
+        let end = (start + stride - 1).min(n - 1);
+        let first = end.saturating_sub(window);
+        let len = end - first + 1;
+        let plan = AttnPlan {
+            q_pos: (0..len as u64).collect(),
+            write_at: 0,
+            k_pos: (0..len as u64).collect(),
+            mask: Some(AttnPlan::causal_mask(len, model.device())?),
+        };
+        let scored_from = start - first;
+        let targets = &stream.targets[start..=end];
+        let hidden = model.forward(&stream.fed[first..=end], &plan, &mut cache)?;
+        let rows: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].is_some()).collect();
+        if !rows.is_empty() {
+            let idx = candle_core::Tensor::new(
+                rows.iter().map(|&i| (scored_from + i) as u32).collect::<Vec<_>>(),
+                model.device(),
+            )?;
+            let ids: Vec<u32> = targets.iter().flatten().map(|t| t.token).collect();
+            let nll = model.nll(&hidden.index_select(&idx, 0)?, &ids)?;
+            log_targets(&mut log, targets, &nll);
+            progress.inc(rows.len() as u64);
+        }
+        start = end + 1;
+    }
+    Ok(log)
+}

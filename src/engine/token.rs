@@ -1,0 +1,119 @@
+//! The token-by-token engine: one forward pass per fed token over a real KV cache of pre-RoPE
+//! keys, evicting exactly as spec section 2 says. It is the executable reference that every
+//! faster engine must match.
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+use indicatif::ProgressBar;
+
+use crate::model::{AttnPlan, KvCache, Llama};
+use crate::nll_log::NllLog;
+use crate::strategy::Strategy;
+use crate::stream::TokenStream;
+
+use super::log_targets;
+
+/// Cache state of an evicting or dense strategy, fed one token at a time.
+pub struct TokenEngine<'m> {
+    model: &'m Llama,
+    /// `(S, W)`; `None` for dense (nothing is ever evicted).
+    budget: Option<(usize, usize)>,
+    pos_shift: bool,
+    cache: KvCache,
+    /// Fed index of the token held in each cache slot.
+    slot_token: Vec<u64>,
+    /// Number of tokens fed so far.
+    fed: u64,
+    warned_context: bool,
+}
+
+impl<'m> TokenEngine<'m> {
+    /// `pos_shift = false` is the `--no-pos-shift` ablation: keys keep their stream positions.
+    pub fn new(model: &'m Llama, strategy: Strategy, pos_shift: bool) -> Result<Self> {
+        let budget = match strategy {
+            Strategy::Dense => None,
+            Strategy::Sink { sinks, window } => Some((sinks, window)),
+            Strategy::Recompute { .. } => bail!("{strategy} is not run by the token engine's cache"),
+        };
+        // One slot more than S+W: the current token sits in the cache while it attends.
+        let capacity = budget.map_or(1024, |(s, w)| s + w + 1);
+        Ok(TokenEngine {
+            model,
+            budget,
+            pos_shift,
+            cache: model.new_cache(capacity)?,
+            slot_token: Vec::new(),
+            fed: 0,
+            warned_context: false,
+        })
+    }
+
+    /// Slot the next fed token `t` goes to: sinks keep slots 0..S, the W+1 most recent tokens
+    /// share a ring after them, so the token written over is exactly the one evicted.
+    fn slot_for(&self, t: u64) -> usize {
+        match self.budget {
+            None => t as usize,
+            Some((s, _)) if (t as usize) < s => t as usize,
+            Some((s, w)) => s + (t as usize - s) % (w + 1),
+        }
+    }
+
+    /// RoPE position of cached token `j` seen from the token `t` being fed.
+    fn position(&self, j: u64, t: u64) -> u64 {
+        match self.budget {
+            Some((s, w)) if self.pos_shift && t as usize > s + w && j as usize >= s => {
+                // Rank in cache order: sinks first, then the W+1 most recent by age.
+                s as u64 + j - (t - w as u64)
+            }
+            _ => j,
+        }
+    }
+
+    /// Feeds one token; returns its final hidden state (1, hidden).
+    pub fn step(&mut self, token: u32) -> Result<Tensor> {
+        let t = self.fed;
+        let slot = self.slot_for(t);
+        if self.budget.is_none() {
+            self.cache.ensure_capacity(slot + 1)?;
+        }
+        if slot == self.slot_token.len() {
+            self.slot_token.push(t);
+        } else {
+            self.slot_token[slot] = t;
+        }
+        let plan = AttnPlan {
+            q_pos: vec![self.position(t, t)],
+            write_at: slot,
+            k_pos: self.slot_token.iter().map(|&j| self.position(j, t)).collect(),
+            mask: None,
+        };
+        self.warn_past_context(plan.q_pos[0]);
+        let hidden = self.model.forward(&[token], &plan, &mut self.cache)?;
+        self.fed += 1;
+        Ok(hidden)
+    }
+
+    fn warn_past_context(&mut self, pos: u64) {
+        let ctx = self.model.config().context_length as u64;
+        if !self.warned_context && pos >= ctx {
+            self.warned_context = true;
+            eprintln!(
+                "warning: position {pos} is past the model's trained context ({ctx}); carrying on (this is the experiment)"
+            );
+        }
+    }
+
+    /// Feeds the whole stream, scoring after every fed token that has a target.
+    pub fn run(mut self, stream: &TokenStream, progress: &ProgressBar) -> Result<NllLog> {
+        let mut log = NllLog::default();
+        for (i, &token) in stream.fed.iter().enumerate() {
+            let hidden = self.step(token)?;
+            if let Some(target) = stream.targets[i] {
+                let nll = self.model.nll(&hidden, &[target.token])?;
+                log_targets(&mut log, &stream.targets[i..=i], &nll);
+                progress.inc(1);
+            }
+        }
+        Ok(log)
+    }
+}

@@ -1,0 +1,17 @@
+//! streamppl: stream long corpora through a language model under each KV-cache strategy
+//! and log every token's negative log-likelihood.
+//!
+//! The flow, one module per stage:
+//! `corpus` (text / PG19 parquet) -> `tokenizer` -> `stream` (books into one fed/scored stream)
+//! -> `engine` (token-by-token, running `model` under a `strategy`) -> `nll_log` -> `report`.
+
+pub mod corpus;
+pub mod nll_log;
+pub mod report;
+pub mod engine;
+pub mod model;
+pub mod strategy;
+pub mod stream;
+pub mod tokenizer;
+pub mod eval;
+pub mod runner;

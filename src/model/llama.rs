@@ -1,0 +1,226 @@
+//! Llama-architecture decoder whose attention takes an explicit plan: which cached keys each
+//! query sees ([`AttnPlan::mask`]) and at which positions ([`AttnPlan::k_pos`]), so every cache
+//! strategy, and the block-parallel engine after it, runs on the same model code.
+//!
+//! Weights use the GGUF tensor names (`token_embd.weight`, `blk.N.attn_q.weight`, ...), with
+//! Q and K rows in GGUF's interleaved-RoPE order.
+
+use candle_core::{D, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::kv_cache::KvCache;
+use super::rope::Rope;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub rope_theta: f64,
+    pub rms_eps: f64,
+    /// The context length the model was trained with (going past it is an experiment, not an error).
+    pub context_length: usize,
+    /// The LM head is the token embedding (no `output.weight`).
+    pub tied_embeddings: bool,
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.n_head
+    }
+
+    /// A small config for tests that build random weights.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Config {
+            vocab_size,
+            hidden_size: 32,
+            intermediate_size: 48,
+            n_layer: 2,
+            n_head: 4,
+            n_kv_head: 2,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            context_length: 64,
+            tied_embeddings: true,
+        }
+    }
+}
+
+/// What the fed tokens of one forward pass attend to.
+///
+/// The T new tokens are written into cache slots `write_at..write_at + T`; attention then runs
+/// over slots `0..k_pos.len()`, each key rotated to `k_pos[slot]`, each query to `q_pos[i]`.
+#[derive(Debug, Clone)]
+pub struct AttnPlan {
+    pub q_pos: Vec<u64>,
+    pub write_at: usize,
+    pub k_pos: Vec<u64>,
+    /// Additive mask (T, k_pos.len()): 0 where visible, -inf where not. `None`: all visible.
+    pub mask: Option<Tensor>,
+}
+
+impl AttnPlan {
+    /// A causal mask over `t` fresh tokens in slots `0..t`.
+    pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Tensor::from_vec(m, (t, t), device)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    cfg: Config,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?, None))
+}
+
+impl Llama {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+        let embed_w = vb.get((cfg.vocab_size, d), "token_embd.weight")?;
+        let lm_head = if cfg.tied_embeddings {
+            Linear::new(embed_w.clone(), None)
+        } else {
+            linear(&vb, "output", cfg.vocab_size, d)?
+        };
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let p = format!("blk.{i}");
+                Ok(Block {
+                    attn_norm: vb.get(d, &format!("{p}.attn_norm.weight"))?,
+                    wq: linear(&vb, &format!("{p}.attn_q"), cfg.n_head * hd, d)?,
+                    wk: linear(&vb, &format!("{p}.attn_k"), cfg.n_kv_head * hd, d)?,
+                    wv: linear(&vb, &format!("{p}.attn_v"), cfg.n_kv_head * hd, d)?,
+                    wo: linear(&vb, &format!("{p}.attn_output"), d, cfg.n_head * hd)?,
+                    ffn_norm: vb.get(d, &format!("{p}.ffn_norm.weight"))?,
+                    w_gate: linear(&vb, &format!("{p}.ffn_gate"), cfg.intermediate_size, d)?,
+                    w_up: linear(&vb, &format!("{p}.ffn_up"), cfg.intermediate_size, d)?,
+                    w_down: linear(&vb, &format!("{p}.ffn_down"), d, cfg.intermediate_size)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed: Embedding::new(embed_w, d),
+            blocks,
+            norm: vb.get(d, "output_norm.weight")?,
+            lm_head,
+            rope: Rope::new(hd, cfg.rope_theta),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A KV cache shaped for this model.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(self.cfg.n_layer, self.cfg.n_kv_head, self.cfg.head_dim(), capacity, &self.device)
+    }
+
+    /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
+    /// Returns the final-normed hidden states (T, hidden).
+    pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
+        let t = tokens.len();
+        let (q_cos, q_sin) = self.rope.cos_sin(&plan.q_pos, &self.device)?;
+        let (k_cos, k_sin) = self.rope.cos_sin(&plan.k_pos, &self.device)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.forward(&ids)?; // (T, d)
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, self.cfg.rms_eps as f32)?;
+            let attn = self.attention(layer, b, &h, plan, cache, (&q_cos, &q_sin), (&k_cos, &k_sin))?;
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, self.cfg.rms_eps as f32)?;
+            let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
+            let mlp = b.w_down.forward(&(gate * b.w_up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        debug_assert_eq!(x.dim(0)?, t);
+        candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        b: &Block,
+        h: &Tensor,
+        plan: &AttnPlan,
+        cache: &mut KvCache,
+        (q_cos, q_sin): (&Tensor, &Tensor),
+        (k_cos, k_sin): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (t, _) = h.dims2()?;
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
+        let group = nh / nkv;
+        let n_keys = plan.k_pos.len();
+        // (T, heads*hd) -> (heads, T, hd)
+        let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
+        let q = heads(b.wq.forward(h)?, nh)?;
+        let k_new = heads(b.wk.forward(h)?, nkv)?;
+        let v_new = heads(b.wv.forward(h)?, nkv)?;
+        cache.write(layer, plan.write_at, &k_new, &v_new)?;
+        let (k, v) = cache.read(layer, n_keys)?; // (nkv, n_keys, hd), pre-RoPE keys
+        let q = candle_nn::rotary_emb::rope_i(&q.unsqueeze(0)?, q_cos, q_sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k.unsqueeze(0)?, k_cos, k_sin)?.squeeze(0)?;
+        // Query heads j*group..(j+1)*group share KV head j: (nkv, group*T, hd).
+        let q = q.reshape((nkv, group * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (nkv, group*T, n_keys)
+        let scores = match &plan.mask {
+            Some(mask) => scores.reshape((nkv, group, t, n_keys))?.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((nkv, group * t, n_keys))?)?;
+        let out = probs.matmul(&v)?; // (nkv, group*T, hd)
+        let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        b.wo.forward(&out)
+    }
+
+    /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
+    /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
+    pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+        const TILE: usize = 64;
+        let mut out = Vec::with_capacity(targets.len());
+        for start in (0..targets.len()).step_by(TILE) {
+            let n = TILE.min(targets.len() - start);
+            let logits = self.lm_head.forward(&hidden.narrow(0, start, n)?)?; // (n, vocab)
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let idx = Tensor::new(&targets[start..start + n], &self.device)?.unsqueeze(1)?;
+            let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+            out.extend(picked.into_iter().map(|lp| -lp));
+        }
+        Ok(out)
+    }
+}

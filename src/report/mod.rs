@@ -1,0 +1,244 @@
+//! Tables and plots over finished runs, read back from their run directories
+//! (`run.json` + `nll.parquet`), so reports never need a model or a re-run.
+//!
+//! ```no_run
+//! use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
+//! let runs = load_runs(&["runs/pg19".into()]).unwrap();
+//! println!("{}", markdown_table(&runs));
+//! plot_running_ppl(&runs, "runs/pg19/running_ppl.png".as_ref(), "PG19, Llama").unwrap();
+//! ```
+
+mod plot;
+mod table;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::nll_log::RunRecord;
+
+pub use plot::plot_running_ppl;
+pub use table::markdown_table;
+
+/// The record file that marks a directory as a run directory.
+const RUN_JSON: &str = "run.json";
+
+/// One finished run: where it lives and what it recorded.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub dir: PathBuf,
+    pub record: RunRecord,
+}
+
+/// Each path is either a run directory (has run.json) or a directory whose subdirectories
+/// (searched recursively, sorted by path) are run directories. Error (one line, naming the path)
+/// if a path does not exist or holds no run.
+pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            bail!("{}: no such directory", path.display());
+        }
+        let mut dirs = Vec::new();
+        collect_run_dirs(path, &mut dirs)?;
+        if dirs.is_empty() {
+            bail!("{}: holds no run (no {RUN_JSON} found)", path.display());
+        }
+        dirs.sort();
+        for dir in dirs {
+            let record = RunRecord::read_json(&dir.join(RUN_JSON))?;
+            runs.push(Run { dir, record });
+        }
+    }
+    Ok(runs)
+}
+
+/// Appends `dir` if it is a run directory, else every run directory below it.
+/// A run directory is a leaf: its own subdirectories are not searched.
+fn collect_run_dirs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if dir.join(RUN_JSON).is_file() {
+        out.push(dir.to_path_buf());
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list directory", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("{}: cannot list directory", dir.display()))?
+            .path();
+        if path.is_dir() {
+            collect_run_dirs(&path, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fake run directories shared by the tests of this module's files.
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::nll_log::{BookMetrics, CorpusInfo, ModelInfo, NllLog, NllRecord, Versions};
+
+    pub(crate) const TRAINED_CONTEXT: usize = 2048;
+
+    /// A scratch directory under the system temp dir, removed when dropped.
+    pub(crate) struct Scratch(pub(crate) PathBuf);
+
+    impl Scratch {
+        pub(crate) fn new(tag: &str) -> Self {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("streamppl-report-{tag}-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create scratch dir");
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// (subdirectory, label, strategy, approximate, tokens): the third one sits one level deeper
+    /// so that the recursive search is exercised, and is long enough to be downsampled.
+    const FAKES: [(&str, &str, &str, bool, usize); 3] = [
+        ("a-dense", "Dense", "dense", false, 6000),
+        ("b-window", "Window 256", "window:256", false, 6000),
+        (
+            "nested/c-recompute",
+            "Recompute 256/64",
+            "recompute:256/64",
+            true,
+            12000,
+        ),
+    ];
+
+    /// A made-up NLL curve per strategy: dense blows up past the trained context, the window
+    /// blows up once the first tokens leave it, the recompute run stays flat.
+    fn fake_nll(strategy: &str, i: usize) -> f32 {
+        let wobble = ((i * 7919) % 100) as f32 / 50.0;
+        let base = 2.0 + wobble;
+        match strategy {
+            "dense" if i > TRAINED_CONTEXT => base + 4.0,
+            "window:256" if i > 256 => base + 2.5,
+            _ => base,
+        }
+    }
+
+    fn fake_record(label: &str, strategy: &str, approximate: bool, log: &NllLog) -> RunRecord {
+        let tokens = log.len() as u64;
+        RunRecord {
+            strategy: strategy.to_string(),
+            label: label.to_string(),
+            engine: "token".to_string(),
+            approximate,
+            note: approximate.then(|| "stride 64: tokens share a recomputed cache".to_string()),
+            model: ModelInfo {
+                path: "/models/tiny-llama/model.safetensors".to_string(),
+                sha256: "ab".repeat(32),
+                architecture: "llama".to_string(),
+                trained_context: TRAINED_CONTEXT,
+            },
+            corpus: CorpusInfo {
+                path: "/data/pg19-test.parquet".to_string(),
+                books: 1,
+                max_tokens: None,
+            },
+            tokens_scored: tokens,
+            tokens_fed: tokens + 1,
+            books_scored: 1,
+            sum_nll: log.sum_nll(),
+            ppl: log.ppl(),
+            words: tokens * 3 / 4,
+            bytes: tokens * 4,
+            word_perplexity: log.ppl() * 1.5,
+            byte_perplexity: log.ppl().powf(0.25),
+            bits_per_byte: log.ppl().log2() / 4.0,
+            per_book: vec![BookMetrics {
+                book: 0,
+                title: "Book".to_string(),
+                tokens_scored: tokens,
+                ppl: log.ppl(),
+            }],
+            tokens_per_second: 123.45,
+            wall_seconds: tokens as f64 / 123.45,
+            threads: 8,
+            versions: Versions {
+                streamppl: "0.1.0".to_string(),
+                candle: "0.11".to_string(),
+                tokenizers: "0.23".to_string(),
+            },
+            finished_at: "2025-01-01T00:00:00Z".to_string(),
+        }
+    }
+
+    /// Writes the three fake runs under `root` through the real writers.
+    pub(crate) fn write_fake_runs(root: &Path) {
+        for (sub, label, strategy, approximate, tokens) in FAKES {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir).expect("create run dir");
+            let mut log = NllLog::default();
+            for i in 0..tokens {
+                log.push(NllRecord {
+                    position: i as u64,
+                    book: 0,
+                    token_id: i as u32,
+                    nll: fake_nll(strategy, i),
+                });
+            }
+            log.write_parquet(&dir.join("nll.parquet"))
+                .expect("write nll.parquet");
+            fake_record(label, strategy, approximate, &log)
+                .write_json(&dir.join(RUN_JSON))
+                .expect("write run.json");
+        }
+    }
+
+    /// A scratch dir holding the fake runs, and the runs as loaded from it.
+    pub(crate) fn fake_runs(tag: &str) -> (Scratch, Vec<Run>) {
+        let scratch = Scratch::new(tag);
+        write_fake_runs(&scratch.0);
+        let runs = load_runs(std::slice::from_ref(&scratch.0)).expect("load fake runs");
+        (scratch, runs)
+    }
+
+    #[test]
+    fn load_runs_finds_nested_runs_sorted() {
+        let (scratch, runs) = fake_runs("load");
+        let dirs: Vec<_> = runs
+            .iter()
+            .map(|r| r.dir.strip_prefix(&scratch.0).expect("under root"))
+            .collect();
+        let want: Vec<PathBuf> = FAKES.iter().map(|f| PathBuf::from(f.0)).collect();
+        assert_eq!(dirs, want);
+        assert_eq!(runs[1].record.label, "Window 256");
+    }
+
+    #[test]
+    fn load_runs_accepts_a_run_dir_itself() {
+        let (scratch, _) = fake_runs("single");
+        let runs = load_runs(&[scratch.0.join("b-window")]).expect("load one run");
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].record.strategy, "window:256");
+    }
+
+    #[test]
+    fn load_runs_errors_on_missing_or_empty_paths() {
+        let scratch = Scratch::new("missing");
+        let missing = scratch.0.join("nope");
+        let err = load_runs(std::slice::from_ref(&missing)).expect_err("missing path");
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+        let err = load_runs(std::slice::from_ref(&scratch.0)).expect_err("empty dir");
+        assert!(err.to_string().contains("holds no run"), "{err}");
+        assert!(!err.to_string().contains('\n'));
+    }
+}

@@ -1,0 +1,427 @@
+//! Running-PPL plot over runs, in the style of Figure 3 of the StreamingLLM paper.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::Run;
+use crate::nll_log::NllLog;
+
+const SIZE: (u32, u32) = (1200, 640);
+/// Right-hand panel for the legend, so it never hides a curve.
+const LEGEND_WIDTH: u32 = 300;
+const FONT: &str = "sans-serif";
+/// Points kept per line: a few per pixel column of the chart, far fewer than a long log holds.
+const MAX_POINTS: usize = 4000;
+/// Tableau 10: distinct hues that stay apart in print and for common colour-vision deficiencies.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+/// Dash and gap length, in pixels, of approximate runs.
+const DASH: (u32, u32) = (10, 6);
+
+/// One line of the plot.
+struct Series {
+    label: String,
+    approximate: bool,
+    /// (scored tokens, running PPL), finite and positive only.
+    points: Vec<(f64, f64)>,
+}
+
+/// Everything the drawing needs, computed once for both backends.
+struct Figure<'a> {
+    title: &'a str,
+    series: Vec<Series>,
+    x_max: f64,
+    y_range: (f64, f64),
+    y_ticks: Vec<f64>,
+    /// Distinct trained contexts that fall inside the x range.
+    trained_contexts: Vec<f64>,
+}
+
+/// Running PPL (log-scale y) against scored tokens (x), one line per run, legend = label.
+/// Writes `out` (PNG) and the same plot as SVG beside it (`out.with_extension("svg")`).
+/// Approximate runs are dashed and marked "(approx.)" in the legend. Long logs are downsampled
+/// to a few thousand points per line, each at its exact running value. A dashed vertical line
+/// marks the model's trained context when the x range passes it.
+pub fn plot_running_ppl(runs: &[Run], out: &Path, title: &str) -> Result<()> {
+    if !out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        bail!(
+            "{}: plot output must be a .png file (the .svg is written beside it)",
+            out.display()
+        );
+    }
+    let series = runs.iter().map(load_series).collect::<Result<Vec<_>>>()?;
+    let figure = Figure::new(runs, series, title);
+    register_font()?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    }
+    draw(BitMapBackend::new(out, SIZE).into_drawing_area(), &figure)
+        .with_context(|| format!("{}: cannot draw plot", out.display()))?;
+    let svg = out.with_extension("svg");
+    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), &figure)
+        .with_context(|| format!("{}: cannot draw plot", svg.display()))
+}
+
+/// The ab_glyph backend ships no fonts: text needs one registered under the family name used.
+fn register_font() -> Result<()> {
+    plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow!("cannot load the bundled DejaVu Sans font"))
+}
+
+fn load_series(run: &Run) -> Result<Series> {
+    let path = run.dir.join("nll.parquet");
+    if !path.is_file() {
+        bail!("{}: missing NLL log", path.display());
+    }
+    let log = NllLog::read_parquet(&path)?;
+    let label = if run.record.approximate {
+        format!("{} (approx.)", run.record.label)
+    } else {
+        run.record.label.clone()
+    };
+    Ok(Series {
+        label,
+        approximate: run.record.approximate,
+        points: downsample(&log.running_ppl(), MAX_POINTS),
+    })
+}
+
+/// A log axis can only place finite, positive values.
+fn plottable(v: f64) -> bool {
+    v.is_finite() && v > 0.0
+}
+
+/// Keeps at most about `max_points` of `values` as (scored tokens, value): the minimum and the
+/// maximum of each bucket, so spikes survive, plus the final value, which readers compare.
+/// Kept values are exact, never averaged. Unplottable values are dropped.
+fn downsample(values: &[f64], max_points: usize) -> Vec<(f64, f64)> {
+    let point = |i: usize| ((i + 1) as f64, values[i]);
+    let keep = |i: &usize| plottable(values[*i]);
+    if values.len() <= max_points {
+        return (0..values.len()).filter(keep).map(point).collect();
+    }
+    let bucket = values.len().div_ceil((max_points / 2).max(1));
+    let mut kept = Vec::with_capacity(max_points + 1);
+    for start in (0..values.len()).step_by(bucket) {
+        let in_bucket = (start..(start + bucket).min(values.len())).filter(keep);
+        let by_value = |a: &usize, b: &usize| values[*a].total_cmp(&values[*b]);
+        let (Some(lo), Some(hi)) = (
+            in_bucket.clone().min_by(by_value),
+            in_bucket.max_by(by_value),
+        ) else {
+            continue;
+        };
+        kept.push(lo.min(hi));
+        if lo != hi {
+            kept.push(lo.max(hi));
+        }
+    }
+    if let Some(last) = (0..values.len()).rev().find(keep)
+        && kept.last() != Some(&last)
+    {
+        kept.push(last);
+    }
+    kept.into_iter().map(point).collect()
+}
+
+impl<'a> Figure<'a> {
+    fn new(runs: &[Run], series: Vec<Series>, title: &'a str) -> Self {
+        // At least 10 tokens wide, so that a tiny or empty plot still gets whole-token ticks.
+        let x_max = series
+            .iter()
+            .filter_map(|s| s.points.last())
+            .map(|p| p.0)
+            .fold(10.0, f64::max);
+        let y_range = y_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+        let mut trained_contexts: Vec<f64> = runs
+            .iter()
+            .map(|r| r.record.model.trained_context as f64)
+            .filter(|&c| c > 0.0 && c < x_max)
+            .collect();
+        trained_contexts.sort_by(f64::total_cmp);
+        trained_contexts.dedup();
+        Figure {
+            title,
+            series,
+            x_max,
+            y_range,
+            y_ticks: log_ticks(y_range.0, y_range.1),
+            trained_contexts,
+        }
+    }
+}
+
+/// The data's extent, padded a little in log space so lines do not touch the frame; a flat or
+/// single-point extent is widened since a log axis needs lo < hi; no data gives 1..10.
+fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if lo > hi {
+        return (1.0, 10.0);
+    }
+    let pad = (hi / lo).powf(0.04).max(1.25f64.sqrt());
+    (lo / pad, hi * pad)
+}
+
+/// Ticks at 1-2-5 style mantissas per decade, the coarsest set that gives at least four ticks;
+/// a range too narrow for any (well under one decade) gets evenly spaced ticks instead.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    const MANTISSAS: [&[f64]; 4] = [
+        &[1.0],
+        &[1.0, 2.0, 5.0],
+        &[1.0, 1.5, 2.0, 3.0, 5.0, 7.0],
+        &[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+    ];
+    // Clamped so that a degenerate bound cannot make the loop below run for billions of decades.
+    let decade = |v: f64| v.log10().clamp(-300.0, 300.0);
+    let decades = decade(lo).floor() as i32..=decade(hi).ceil() as i32;
+    for mantissas in MANTISSAS {
+        let ticks: Vec<f64> = decades
+            .clone()
+            .flat_map(|e| mantissas.iter().map(move |m| m * 10f64.powi(e)))
+            .filter(|t| (lo..=hi).contains(t))
+            .collect();
+        if ticks.len() >= 4 {
+            return ticks;
+        }
+    }
+    linear_ticks(lo, hi)
+}
+
+/// Five or so ticks at a 1-2-5 step; just the bounds if the range is empty.
+fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 5.0;
+    if !raw.is_finite() || raw <= 0.0 {
+        return vec![lo, hi];
+    }
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(raw);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last)
+        .map(|k| k as f64 * step)
+        .filter(|t| (lo..=hi).contains(t))
+        .collect()
+}
+
+/// A tick value without float noise or trailing zeros: 15, 1.5, 0.3.
+fn fmt_value(v: f64) -> String {
+    let s = format!("{v:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Token counts as 500, 12.5k, 1.5M.
+fn fmt_tokens(x: f64) -> String {
+    match x.abs() {
+        a if a >= 1e6 => format!("{}M", fmt_value((x / 1e4).round() / 1e2)),
+        a if a >= 1e3 => format!("{}k", fmt_value((x / 1e2).round() / 10.0)),
+        _ => fmt_value(x),
+    }
+}
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (chart_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+    draw_chart(&chart_area, fig)?;
+    draw_legend(&legend_area, &fig.series)?;
+    root.present()?;
+    Ok(())
+}
+
+fn draw_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let (y_lo, y_hi) = fig.y_range;
+    let mut chart = ChartBuilder::on(area)
+        .caption(fig.title, (FONT, 26))
+        .margin(16)
+        .x_label_area_size(56)
+        .y_label_area_size(80)
+        .build_cartesian_2d(
+            0.0..fig.x_max,
+            (y_lo..y_hi)
+                .log_scale()
+                .with_key_points(fig.y_ticks.clone()),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens")
+        .y_desc("running PPL (log)")
+        .x_label_formatter(&|x| fmt_tokens(*x))
+        .y_label_formatter(&|y| fmt_value(*y))
+        .label_style((FONT, 17))
+        .axis_desc_style((FONT, 19))
+        .light_line_style(BLACK.mix(0.04))
+        .bold_line_style(BLACK.mix(0.12))
+        .draw()?;
+    for &x in &fig.trained_contexts {
+        let style = BLACK.mix(0.55).stroke_width(2);
+        chart.draw_series(DashedLineSeries::new([(x, y_lo), (x, y_hi)], 6, 6, style))?;
+        let label = Text::new(
+            "trained context",
+            (6, 6),
+            (FONT, 16).into_font().color(&BLACK.mix(0.7)),
+        );
+        chart.draw_series(std::iter::once(EmptyElement::at((x, y_hi)) + label))?;
+    }
+    for (i, s) in fig.series.iter().enumerate() {
+        let style = PALETTE[i % PALETTE.len()].stroke_width(2);
+        let points = s.points.iter().copied();
+        if s.approximate {
+            chart.draw_series(DashedLineSeries::new(points, DASH.0, DASH.1, style))?;
+        } else {
+            chart.draw_series(LineSeries::new(points, style))?;
+        }
+    }
+    Ok(())
+}
+
+/// One row per run: a stroke sample in the run's colour and dash, then its label.
+fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, series: &[Series]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    const TOP: i32 = 70;
+    const ROW: i32 = 30;
+    const SAMPLE: i32 = 36;
+    let text_style = (FONT, 17)
+        .into_font()
+        .into_text_style(area)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    for (i, s) in series.iter().enumerate() {
+        let y = TOP + ROW * i as i32;
+        let style = PALETTE[i % PALETTE.len()].stroke_width(3);
+        let sample = [(8, y), (8 + SAMPLE, y)];
+        if s.approximate {
+            area.draw(&DashedPathElement::new(sample, DASH.0, DASH.1 / 2, style))?;
+        } else {
+            area.draw(&PathElement::new(sample, style))?;
+        }
+        area.draw(&Text::new(
+            s.label.as_str(),
+            (SAMPLE + 16, y),
+            text_style.clone(),
+        ))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::{Scratch, fake_runs};
+
+    #[test]
+    fn writes_png_and_svg_with_labels() {
+        let (scratch, runs) = fake_runs("plot");
+        let out = scratch.0.join("plots/running_ppl.png");
+        plot_running_ppl(&runs, &out, "Fake runs").expect("plot");
+        let png = std::fs::read(&out).expect("read png");
+        assert!(png.len() > 1000);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let svg = std::fs::read_to_string(out.with_extension("svg")).expect("read svg");
+        for label in [
+            "Dense",
+            "Window 256",
+            "Recompute 256/64 (approx.)",
+            "trained context",
+            "Fake runs",
+        ] {
+            assert!(svg.contains(label), "svg lacks {label}");
+        }
+    }
+
+    #[test]
+    fn missing_nll_log_is_an_error_naming_it() {
+        let (scratch, runs) = fake_runs("plot-missing");
+        let log = runs[0].dir.join("nll.parquet");
+        std::fs::remove_file(&log).expect("remove log");
+        let err = plot_running_ppl(&runs, &scratch.0.join("p.png"), "t").expect_err("missing log");
+        assert!(
+            err.to_string().contains(&log.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_png_output_is_an_error() {
+        let scratch = Scratch::new("plot-ext");
+        assert!(plot_running_ppl(&[], &scratch.0.join("p.svg"), "t").is_err());
+    }
+
+    #[test]
+    fn empty_plot_still_draws() {
+        let scratch = Scratch::new("plot-empty");
+        plot_running_ppl(&[], &scratch.0.join("p.png"), "nothing").expect("empty plot");
+    }
+
+    #[test]
+    fn downsample_keeps_exact_extremes_and_last() {
+        let values: Vec<f64> = (0..100_000).map(|i| 10.0 + (i % 997) as f64).collect();
+        let kept = downsample(&values, 1000);
+        assert!(kept.len() <= 1001, "{}", kept.len());
+        assert!(kept.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(kept.iter().all(|&(x, y)| values[x as usize - 1] == y));
+        assert_eq!(kept.last(), Some(&(100_000.0, values[99_999])));
+        assert!(kept.iter().any(|p| p.1 == 10.0 + 996.0));
+    }
+
+    #[test]
+    fn downsample_drops_unplottable_values() {
+        let kept = downsample(&[2.0, f64::NAN, f64::INFINITY, 3.0], 10);
+        assert_eq!(kept, [(1.0, 2.0), (4.0, 3.0)]);
+    }
+
+    #[test]
+    fn y_range_guards_degenerate_data() {
+        assert_eq!(y_range(std::iter::empty()), (1.0, 10.0));
+        let (lo, hi) = y_range(std::iter::once(7.0));
+        assert!(lo < 7.0 && 7.0 < hi);
+    }
+
+    #[test]
+    fn log_ticks_cover_wide_and_narrow_ranges() {
+        assert_eq!(
+            log_ticks(0.9, 11_000.0),
+            [1.0, 10.0, 100.0, 1000.0, 10_000.0]
+        );
+        assert_eq!(log_ticks(4.0, 60.0), [5.0, 10.0, 20.0, 50.0]);
+        let narrow = log_ticks(9.8, 10.4);
+        assert!(
+            narrow.len() >= 3 && narrow.iter().all(|t| (9.8..=10.4).contains(t)),
+            "{narrow:?}"
+        );
+        assert_eq!(fmt_value(0.1 * 3.0), "0.3");
+        assert_eq!(fmt_tokens(12_500.0), "12.5k");
+        assert_eq!(fmt_tokens(2_000_000.0), "2M");
+        assert_eq!(fmt_tokens(500.0), "500");
+    }
+}

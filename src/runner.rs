@@ -1,0 +1,205 @@
+//! The `eval` job: load model, tokenizer and corpus once, then run each strategy and write
+//! `OUT/<run name>/nll.parquet` and `OUT/<run name>/run.json`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+
+use crate::corpus::{Book, load_corpora};
+use crate::eval::{EvalOptions, TokenizedCorpus, evaluate, metrics};
+use crate::model::Llama;
+use crate::model::gguf::load_gguf;
+use crate::nll_log::{CorpusInfo, ModelInfo, RunRecord, Versions};
+use crate::tokenizer::TextTokenizer;
+
+/// A loaded model with what run records say about it.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub info: ModelInfo,
+}
+
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let model = load_gguf(path, device)?.model;
+    let tokenizer = TextTokenizer::for_model(path)?;
+    let info = ModelInfo {
+        path: path.display().to_string(),
+        sha256: sha256_file(path)?,
+        architecture: "llama".into(),
+        trained_context: model.config().context_length,
+    };
+    Ok(LoadedModel { model, tokenizer, info })
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A progress bar on stderr with rate and ETA (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, what: &str, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let template = format!("{{msg:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}");
+    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Selects books by `--books`: `N` (the first N), `A-B` (indices A..=B) or `I,J,K`.
+pub fn select_books(books: Vec<Book>, spec: Option<&str>) -> Result<Vec<Book>> {
+    let Some(spec) = spec else { return Ok(books) };
+    let bad = || anyhow::anyhow!("--books `{spec}`: expected N (first N books), A-B (indices, inclusive) or I,J,K");
+    let n = books.len();
+    let idx: Vec<usize> = if let Some((a, b)) = spec.split_once('-') {
+        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        (a..=b).collect()
+    } else if spec.contains(',') {
+        spec.split(',').map(|s| s.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?
+    } else {
+        (0..spec.trim().parse::<usize>().map_err(|_| bad())?.min(n)).collect()
+    };
+    if let Some(&i) = idx.iter().find(|&&i| i >= n) {
+        anyhow::bail!("--books `{spec}`: book {i} does not exist, the corpus has {n} books (0..{})", n.saturating_sub(1));
+    }
+    Ok(idx.into_iter().map(|i| books[i].clone()).collect())
+}
+
+pub struct EvalJob {
+    pub model: PathBuf,
+    pub corpus: Vec<PathBuf>,
+    pub books: Option<String>,
+    pub runs: Vec<EvalOptions>,
+    pub out: PathBuf,
+}
+
+/// Runs every strategy of the job; returns the run directories written.
+pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
+    for opts in &job.runs {
+        opts.validate()?;
+    }
+    let device = Device::Cpu;
+    let lm = load_model(&job.model, &device)?;
+    let books = select_books(load_corpora(&job.corpus)?, job.books.as_deref())?;
+    let max_tokens = job.runs.iter().map(|o| o.max_tokens).max().flatten();
+    let bar = progress_bar(books.len() as u64, "tokenizing", "books");
+    let corpus = TokenizedCorpus::new(&lm.tokenizer, books, max_tokens, &bar)?;
+    bar.finish_and_clear();
+    let mut dirs = Vec::new();
+    for opts in &job.runs {
+        let dir = job.out.join(opts.run_name());
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create output folder", dir.display()))?;
+        let bar = progress_bar(0, &opts.run_name(), "tok");
+        let started = Instant::now();
+        let log = evaluate(&lm.model, &lm.tokenizer, &corpus, opts, &bar)?;
+        let wall = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        let m = metrics(&log, &corpus, &lm.tokenizer);
+        let record = RunRecord {
+            strategy: opts.strategy.to_string(),
+            label: opts.label(),
+            engine: "token".into(),
+            approximate: opts.strategy.is_approximate(),
+            note: opts.strategy.is_approximate().then(|| {
+                format!("{}: stride approximation of re-computation, not the exact strategy", opts.strategy)
+            }),
+            model: lm.info.clone(),
+            corpus: CorpusInfo {
+                path: job.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
+                books: corpus.books.len() as u32,
+                max_tokens: opts.max_tokens,
+            },
+            tokens_scored: m.tokens,
+            tokens_fed: m.tokens + opts.sink_prefix(&lm.tokenizer)?.len() as u64,
+            books_scored: m.per_book.len() as u32,
+            sum_nll: m.sum_nll,
+            ppl: m.ppl,
+            words: m.words,
+            bytes: m.bytes,
+            word_perplexity: m.word_perplexity,
+            byte_perplexity: m.byte_perplexity,
+            bits_per_byte: m.bits_per_byte,
+            per_book: m.per_book,
+            tokens_per_second: m.tokens as f64 / wall,
+            wall_seconds: wall,
+            threads: candle_core::utils::get_num_threads(),
+            versions: versions(),
+            finished_at: now_rfc3339(),
+        };
+        log.write_parquet(&dir.join("nll.parquet"))?;
+        record.write_json(&dir.join("run.json"))?;
+        eprintln!(
+            "{:<28} {:>7} tokens  ppl {:>10.3}  {:>7.1} tok/s  -> {}",
+            opts.run_name(),
+            m.tokens,
+            m.ppl,
+            record.tokens_per_second,
+            dir.display()
+        );
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
+
+pub fn versions() -> Versions {
+    Versions {
+        streamppl: env!("CARGO_PKG_VERSION").into(),
+        candle: env!("STREAMPPL_CANDLE_VERSION").into(),
+        tokenizers: env!("STREAMPPL_TOKENIZERS_VERSION").into(),
+    }
+}
+
+/// UTC now as RFC 3339, without a date-time dependency.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `streamppl info`: the architecture, the tokenizer and the file's checksum.
+pub fn model_info(path: &Path) -> Result<String> {
+    let lm = load_model(path, &Device::Cpu)?;
+    let c = lm.model.config();
+    Ok(format!(
+        "model: {}\nsha256: {}\narchitecture: llama, {} layers, hidden {}, ffn {}, {} heads ({} KV heads), head dim {}\n\
+         rope theta: {}, rms eps: {}, trained context: {}, tied embeddings: {}\nvocab: {} (tokenizer: {} entries, BOS added: {})\n",
+        lm.info.path,
+        lm.info.sha256,
+        c.n_layer,
+        c.hidden_size,
+        c.intermediate_size,
+        c.n_head,
+        c.n_kv_head,
+        c.head_dim(),
+        c.rope_theta,
+        c.rms_eps,
+        c.context_length,
+        c.tied_embeddings,
+        c.vocab_size,
+        lm.tokenizer.vocab_size(),
+        lm.tokenizer.bos().is_some(),
+    ))
+}

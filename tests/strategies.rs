@@ -1,0 +1,258 @@
+//! Exactness of the token engine on tiny random Llamas: strategies that must agree do, and
+//! `sink:S+W` matches a slow, independent f64 oracle that builds each token's visible keys and
+//! positions straight from the spec's rules.
+
+use std::collections::HashMap;
+
+use candle_core::Device;
+use indicatif::ProgressBar;
+use streamppl::engine::run_strategy;
+use streamppl::model::Config;
+use streamppl::model::random::{random_llama, random_weights};
+use streamppl::strategy::Strategy;
+use streamppl::stream::TokenStream;
+
+const VOCAB: usize = 61;
+
+fn cfg() -> Config {
+    Config::tiny(VOCAB) // 4 query heads over 2 KV heads: GQA
+}
+
+/// Deterministic pseudo-random books of the given lengths.
+fn books(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
+    let mut x = seed;
+    lengths
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) % VOCAB as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn nlls(strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
+    let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
+    let s: Strategy = strategy.parse().unwrap();
+    let log = run_strategy(&model, s, pos_shift, stream, &ProgressBar::hidden()).unwrap();
+    assert_eq!(log.len() as u64, stream.scored_count(), "{strategy}: every target scored once");
+    log.records.iter().map(|r| r.nll).collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(max <= tol, "{what}: max |delta NLL| = {max} > {tol}");
+}
+
+#[test]
+fn short_streams_give_identical_nlls_for_sink_window_dense() {
+    // 3 books, 24 fed tokens < S+W = 4+28.
+    let stream = TokenStream::new(&books(&[9, 6, 12], 1), &[], None);
+    let dense = nlls("dense", true, &stream);
+    assert_close(&nlls("sink:4+28", true, &stream), &dense, 1e-6, "sink vs dense");
+    assert_close(&nlls("window:32", true, &stream), &dense, 1e-6, "window vs dense");
+    assert_close(&nlls("sink:4+28", false, &stream), &dense, 1e-6, "no-pos-shift vs dense");
+}
+
+#[test]
+fn recompute_with_a_window_as_long_as_the_stream_is_dense() {
+    let stream = TokenStream::new(&books(&[20, 15], 2), &[], None);
+    let dense = nlls("dense", true, &stream);
+    assert_close(&nlls("recompute:40", true, &stream), &dense, 1e-5, "recompute:40 vs dense");
+}
+
+#[test]
+fn recompute_stride_one_is_recompute() {
+    let stream = TokenStream::new(&books(&[30, 12], 3), &[], None);
+    let exact = nlls("recompute:8", true, &stream);
+    assert_close(&nlls("recompute:8/1", true, &stream), &exact, 0.0, "recompute:8/1");
+    // A stride > 1 scores every token too, but from shorter contexts: it must differ.
+    let strided = nlls("recompute:8/4", true, &stream);
+    assert!(strided.iter().zip(&exact).any(|(a, b)| (a - b).abs() > 1e-4));
+}
+
+#[test]
+fn recompute_matches_the_oracle_window() {
+    // recompute:W: token t sees fed tokens t-W..=t, all recomputed at positions 0..=W.
+    let stream = TokenStream::new(&books(&[25, 10], 4), &[], None);
+    let w = 6;
+    let got = nlls(&format!("recompute:{w}"), true, &stream);
+    let oracle = Oracle::new();
+    let want: Vec<f32> = (0..stream.len())
+        .map(|t| {
+            let first = t.saturating_sub(w);
+            let fed = &stream.fed[first..=t];
+            // Fresh dense pass over the window; score the last token.
+            let nll = oracle.stream(fed, &|i| (0..=i).map(|j| (j, j as u64)).collect(), &|i| i as u64);
+            let target = stream.targets[t].unwrap().token;
+            oracle.nll(&nll[fed.len() - 1], target) as f32
+        })
+        .collect();
+    assert_close(&got, &want, 1e-4, "recompute vs oracle");
+}
+
+/// The spec's eviction rule: fed token t sees all of 0..=t while t <= S+W, then
+/// {0..S-1} U {t-W..=t}. With pos shift, keys sit at their rank in cache order and the query
+/// after them; without, everything keeps its stream index.
+fn spec_visible(s: usize, w: usize, pos_shift: bool) -> impl Fn(usize) -> Vec<(usize, u64)> {
+    move |t| {
+        let keys: Vec<usize> = if t <= s + w { (0..=t).collect() } else { (0..s).chain(t - w..=t).collect() };
+        keys.iter().enumerate().map(|(rank, &j)| (j, if pos_shift { rank as u64 } else { j as u64 })).collect()
+    }
+}
+
+fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]) {
+    // Four books: the cache is carried across each boundary, and a 1-token book adds nothing.
+    let stream = TokenStream::new(&books(&[17, 1, 13, 21], 5), prefix, None);
+    let spec = if s == 0 { format!("window:{w}") } else { format!("sink:{s}+{w}") };
+    let got = nlls(&spec, pos_shift, &stream);
+    let oracle = Oracle::new();
+    let visible = spec_visible(s, w, pos_shift);
+    let q_pos = |t: usize| visible(t).last().unwrap().1;
+    let hidden = oracle.stream(&stream.fed, &visible, &q_pos);
+    let want: Vec<f32> = stream
+        .targets
+        .iter()
+        .zip(&hidden)
+        .filter_map(|(target, h)| target.map(|tg| oracle.nll(h, tg.token) as f32))
+        .collect();
+    assert_close(&got, &want, 1e-4, &format!("{spec} pos_shift={pos_shift} vs oracle"));
+}
+
+#[test]
+fn sink_matches_the_spec_oracle_across_book_boundaries() {
+    for (s, w) in [(4, 8), (1, 5), (0, 7), (2, 1)] {
+        check_sink_against_oracle(s, w, true, &[]);
+    }
+}
+
+#[test]
+fn no_pos_shift_matches_the_spec_oracle() {
+    check_sink_against_oracle(4, 8, false, &[]);
+}
+
+#[test]
+fn sink_text_prefix_matches_the_spec_oracle() {
+    check_sink_against_oracle(3, 6, true, &[5, 5, 5]);
+}
+
+#[test]
+fn no_pos_shift_differs_once_eviction_starts() {
+    let (s, w) = (2, 6);
+    let stream = TokenStream::new(&books(&[40], 6), &[], None);
+    let shift = nlls("sink:2+6", true, &stream);
+    let fixed = nlls("sink:2+6", false, &stream);
+    // Fed token t evicts from t = S+W+1 on; before that the two are the same computation.
+    let start = s + w + 1;
+    assert_close(&shift[..start], &fixed[..start], 1e-6, "before eviction");
+    assert!(shift[start..].iter().zip(&fixed[start..]).all(|(a, b)| (a - b).abs() > 1e-6));
+}
+
+/// A naive f64 Llama over plain vectors, written from the architecture, not from the engine.
+struct Oracle {
+    cfg: Config,
+    w: HashMap<String, Vec<f64>>,
+}
+
+type Visible<'a> = dyn Fn(usize) -> Vec<(usize, u64)> + 'a;
+
+impl Oracle {
+    fn new() -> Self {
+        let w = random_weights(&cfg(), 7)
+            .into_iter()
+            .map(|(name, _, data)| (name, data.into_iter().map(f64::from).collect()))
+            .collect();
+        Oracle { cfg: cfg(), w }
+    }
+
+    fn get(&self, name: &str) -> &[f64] {
+        &self.w[name]
+    }
+
+    /// y = W x for W stored (rows, x.len()).
+    fn matvec(&self, name: &str, x: &[f64]) -> Vec<f64> {
+        self.get(name).chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    }
+
+    fn rms_norm(&self, x: &[f64], name: &str) -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + self.cfg.rms_eps).sqrt();
+        x.iter().zip(self.get(name)).map(|(v, g)| v * r * g).collect()
+    }
+
+    /// Interleaved RoPE: pairs (2i, 2i+1) rotate by pos * theta^(-2i/hd).
+    fn rope(&self, x: &[f64], pos: u64) -> Vec<f64> {
+        let hd = x.len();
+        let mut out = x.to_vec();
+        for i in 0..hd / 2 {
+            let a = pos as f64 * self.cfg.rope_theta.powf(-((2 * i) as f64) / hd as f64);
+            let (c, s) = (a.cos(), a.sin());
+            out[2 * i] = x[2 * i] * c - x[2 * i + 1] * s;
+            out[2 * i + 1] = x[2 * i] * s + x[2 * i + 1] * c;
+        }
+        out
+    }
+
+    /// Feeds `fed` in order. `visible(t)` lists (token, key position) of every key token t
+    /// attends to (itself included); `q_pos(t)` is its query position. Returns final hidden states.
+    fn stream(&self, fed: &[u32], visible: &Visible, q_pos: &dyn Fn(usize) -> u64) -> Vec<Vec<f64>> {
+        let c = &self.cfg;
+        let (d, hd, group) = (c.hidden_size, c.head_dim(), c.n_head / c.n_kv_head);
+        // Per layer, per token: pre-RoPE key and value (a token's own, fixed once it is fed).
+        let mut keys = vec![Vec::<Vec<f64>>::new(); c.n_layer];
+        let mut values = vec![Vec::<Vec<f64>>::new(); c.n_layer];
+        let mut out = Vec::new();
+        for (t, &tok) in fed.iter().enumerate() {
+            let mut x = self.get("token_embd.weight")[tok as usize * d..(tok as usize + 1) * d].to_vec();
+            let vis = visible(t);
+            for l in 0..c.n_layer {
+                let p = format!("blk.{l}");
+                let h = self.rms_norm(&x, &format!("{p}.attn_norm.weight"));
+                let q = self.matvec(&format!("{p}.attn_q.weight"), &h);
+                keys[l].push(self.matvec(&format!("{p}.attn_k.weight"), &h));
+                values[l].push(self.matvec(&format!("{p}.attn_v.weight"), &h));
+                let mut attn = vec![0f64; c.n_head * hd];
+                for head in 0..c.n_head {
+                    let kv = head / group;
+                    let qh = self.rope(&q[head * hd..(head + 1) * hd], q_pos(t));
+                    let scores: Vec<f64> = vis
+                        .iter()
+                        .map(|&(j, pos)| {
+                            let k = self.rope(&keys[l][j][kv * hd..(kv + 1) * hd], pos);
+                            qh.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                    for (&(j, _), s) in vis.iter().zip(&scores) {
+                        let p = (s - m).exp() / z;
+                        for i in 0..hd {
+                            attn[head * hd + i] += p * values[l][j][kv * hd + i];
+                        }
+                    }
+                }
+                let o = self.matvec(&format!("{p}.attn_output.weight"), &attn);
+                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+                let h = self.rms_norm(&x, &format!("{p}.ffn_norm.weight"));
+                let g = self.matvec(&format!("{p}.ffn_gate.weight"), &h);
+                let u = self.matvec(&format!("{p}.ffn_up.weight"), &h);
+                let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let dn = self.matvec(&format!("{p}.ffn_down.weight"), &act);
+                x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+            }
+            out.push(self.rms_norm(&x, "output_norm.weight"));
+        }
+        out
+    }
+
+    fn nll(&self, hidden: &[f64], target: u32) -> f64 {
+        let logits = self.matvec("token_embd.weight", hidden);
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
+        lse - logits[target as usize]
+    }
+}

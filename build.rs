@@ -2,7 +2,10 @@
 fn main() {
     println!("cargo:rerun-if-changed=Cargo.lock");
     let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
-    for (krate, var) in [("candle-core", "STREAMPPL_CANDLE_VERSION"), ("tokenizers", "STREAMPPL_TOKENIZERS_VERSION")] {
+    for (krate, var) in [
+        ("candle-core", "STREAMPPL_CANDLE_VERSION"),
+        ("tokenizers", "STREAMPPL_TOKENIZERS_VERSION"),
+    ] {
         let version = lock
             .split("[[package]]")
             .find(|pkg| pkg.contains(&format!("name = \"{krate}\"\n")))

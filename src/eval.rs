@@ -19,7 +19,12 @@ pub struct TokenizedCorpus {
 
 impl TokenizedCorpus {
     /// Tokenizes books in order until `max_scored` scored tokens are covered (all if `None`).
-    pub fn new(tok: &TextTokenizer, books: Vec<Book>, max_scored: Option<u64>, progress: &ProgressBar) -> Result<Self> {
+    pub fn new(
+        tok: &TextTokenizer,
+        books: Vec<Book>,
+        max_scored: Option<u64>,
+        progress: &ProgressBar,
+    ) -> Result<Self> {
         let mut ids = Vec::new();
         let mut scored = 0u64;
         for book in &books {
@@ -50,7 +55,12 @@ pub struct EvalOptions {
 
 impl EvalOptions {
     pub fn new(strategy: Strategy) -> Self {
-        EvalOptions { strategy, pos_shift: true, sink_text: None, max_tokens: None }
+        EvalOptions {
+            strategy,
+            pos_shift: true,
+            sink_text: None,
+            max_tokens: None,
+        }
     }
 
     /// A name unique to the options, safe as a directory name: the strategy spec plus variants.
@@ -62,7 +72,13 @@ impl EvalOptions {
         if let Some(text) = &self.sink_text {
             let escaped: String = text
                 .bytes()
-                .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
                 .collect();
             name.push_str(&format!("@sink-text={escaped}"));
         }
@@ -85,13 +101,21 @@ impl EvalOptions {
     pub fn validate(&self) -> Result<()> {
         let sink = matches!(self.strategy, Strategy::Sink { sinks, .. } if sinks > 0);
         if self.sink_text.is_some() && !sink {
-            bail!("--sink-text needs a strategy with sinks (sink:S+W with S >= 1), not `{}`", self.strategy);
+            bail!(
+                "--sink-text needs a strategy with sinks (sink:S+W with S >= 1), not `{}`",
+                self.strategy
+            );
         }
         if !self.pos_shift && self.strategy.sink_window().is_none() {
-            bail!("--no-pos-shift applies to window:W and sink:S+W only, not `{}`", self.strategy);
+            bail!(
+                "--no-pos-shift applies to window:W and sink:S+W only, not `{}`",
+                self.strategy
+            );
         }
         if self.max_tokens == Some(0) {
-            bail!("--max-tokens 0 scores nothing; give a positive number or leave it out for the whole corpus");
+            bail!(
+                "--max-tokens 0 scores nothing; give a positive number or leave it out for the whole corpus"
+            );
         }
         Ok(())
     }
@@ -105,13 +129,21 @@ impl EvalOptions {
         match ids.len() {
             1 => Ok(vec![ids[0]; sinks]),
             n if n == sinks => Ok(ids),
-            n => bail!("--sink-text {text:?} is {n} tokens; give one token (repeated S={sinks} times) or exactly S tokens"),
+            n => bail!(
+                "--sink-text {text:?} is {n} tokens; give one token (repeated S={sinks} times) or exactly S tokens"
+            ),
         }
     }
 }
 
 /// Runs the strategy over the corpus and returns the per-token log.
-pub fn evaluate(model: &Llama, tok: &TextTokenizer, corpus: &TokenizedCorpus, opts: &EvalOptions, progress: &ProgressBar) -> Result<NllLog> {
+pub fn evaluate(
+    model: &Llama,
+    tok: &TextTokenizer,
+    corpus: &TokenizedCorpus,
+    opts: &EvalOptions,
+    progress: &ProgressBar,
+) -> Result<NllLog> {
     opts.validate()?;
     let stream = TokenStream::new(&corpus.ids, &opts.sink_prefix(tok)?, opts.max_tokens);
     if stream.scored_count() == 0 {
@@ -150,8 +182,15 @@ pub fn metrics(log: &NllLog, corpus: &TokenizedCorpus, tok: &TextTokenizer) -> M
         }
         // Scored tokens of a book are its tokens 1..=n; their text follows token 0's bytes.
         let ids = &corpus.ids[b];
-        let start = if tok.bos() == Some(ids[0]) { 0 } else { tok.token_bytes(ids[0]) as usize };
-        let len: u64 = ids[1..=n as usize].iter().map(|&id| tok.token_bytes(id)).sum();
+        let start = if tok.bos() == Some(ids[0]) {
+            0
+        } else {
+            tok.token_bytes(ids[0]) as usize
+        };
+        let len: u64 = ids[1..=n as usize]
+            .iter()
+            .map(|&id| tok.token_bytes(id))
+            .sum();
         let text = corpus.books[b].text.as_bytes();
         let span = &text[start.min(text.len())..(start + len as usize).min(text.len())];
         words += String::from_utf8_lossy(span).split_whitespace().count() as u64;

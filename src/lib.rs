@@ -6,12 +6,12 @@
 //! -> `engine` (token-by-token, running `model` under a `strategy`) -> `nll_log` -> `report`.
 
 pub mod corpus;
+pub mod engine;
+pub mod eval;
+pub mod model;
 pub mod nll_log;
 pub mod report;
-pub mod engine;
-pub mod model;
+pub mod runner;
 pub mod strategy;
 pub mod stream;
 pub mod tokenizer;
-pub mod eval;
-pub mod runner;

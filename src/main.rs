@@ -12,7 +12,11 @@ use streamppl::runner::{EvalJob, run_eval};
 use streamppl::strategy::Strategy;
 
 #[derive(Parser)]
-#[command(name = "streamppl", version, about = "Stream long corpora through a language model under KV-cache strategies and log every token's NLL")]
+#[command(
+    name = "streamppl",
+    version,
+    about = "Stream long corpora through a language model under KV-cache strategies and log every token's NLL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,7 +104,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of contexts, outermost first.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            let msg: Vec<String> = e
+                .chain()
+                .map(|c| c.to_string().lines().next().unwrap_or_default().to_string())
+                .collect();
             eprintln!("error: {}", msg.join(": "));
             ExitCode::FAILURE
         }
@@ -109,23 +116,57 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Eval { model, corpus, strategies, max_tokens, books, sink_text, no_pos_shift, out } => {
+        Command::Eval {
+            model,
+            corpus,
+            strategies,
+            max_tokens,
+            books,
+            sink_text,
+            no_pos_shift,
+            out,
+        } => {
             let runs = strategies
                 .into_iter()
-                .map(|strategy| EvalOptions { strategy, pos_shift: !no_pos_shift, sink_text: sink_text.clone(), max_tokens })
+                .map(|strategy| EvalOptions {
+                    strategy,
+                    pos_shift: !no_pos_shift,
+                    sink_text: sink_text.clone(),
+                    max_tokens,
+                })
                 .collect();
-            run_eval(&EvalJob { model, corpus, books, runs, out })?;
+            run_eval(&EvalJob {
+                model,
+                corpus,
+                books,
+                runs,
+                out,
+            })?;
         }
         Command::Table { runs } => print!("{}", markdown_table(&load_runs(&runs)?)),
-        Command::Plot { runs, output, title } => {
+        Command::Plot {
+            runs,
+            output,
+            title,
+        } => {
             plot_running_ppl(&load_runs(&runs)?, &output, &title)?;
-            eprintln!("wrote {} and {}", output.display(), output.with_extension("svg").display());
+            eprintln!(
+                "wrote {} and {}",
+                output.display(),
+                output.with_extension("svg").display()
+            );
         }
-        Command::Tokenize { model, text, file, count } => {
+        Command::Tokenize {
+            model,
+            text,
+            file,
+            count,
+        } => {
             let tok = streamppl::tokenizer::TextTokenizer::for_model(&model)?;
             let text = match (text, file) {
                 (Some(t), _) => t,
-                (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))?,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))?,
                 (None, None) => anyhow::bail!("give a TEXT argument or --file PATH"),
             };
             let ids = tok.encode(&text)?;
@@ -138,14 +179,24 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Info { model } => print!("{}", streamppl::runner::model_info(&model)?),
-        Command::Corpus { command: CorpusCommand::Build { gutenberg_mini, corpus, out } } => {
+        Command::Corpus {
+            command:
+                CorpusCommand::Build {
+                    gutenberg_mini,
+                    corpus,
+                    out,
+                },
+        } => {
             let books = match gutenberg_mini {
                 Some(root) => gutenberg_mini_books(&root)?,
-                None if corpus.is_empty() => anyhow::bail!("give --gutenberg-mini DIR or one or more --corpus PATH"),
+                None if corpus.is_empty() => {
+                    anyhow::bail!("give --gutenberg-mini DIR or one or more --corpus PATH")
+                }
                 None => load_corpora(&corpus)?,
             };
             if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("{}: cannot create folder", dir.display()))?;
             }
             write_pg19_parquet(&books, &out)?;
             eprintln!("wrote {} books to {}", books.len(), out.display());

@@ -111,7 +111,8 @@ impl NllLog {
     }
 
     pub fn read_parquet(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("{}: cannot open NLL log", path.display()))?;
+        let file =
+            File::open(path).with_context(|| format!("{}: cannot open NLL log", path.display()))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)
             .with_context(|| format!("{}: not a parquet file", path.display()))?
             .build()?;
@@ -123,14 +124,22 @@ impl NllLog {
                     .column_by_name(name)
                     .with_context(|| format!("{}: NLL log has no `{name}` column", path.display()))
             };
-            let (pos, book, tok, nll) = (get("position")?, get("book")?, get("token_id")?, get("nll")?);
+            let (pos, book, tok, nll) = (
+                get("position")?,
+                get("book")?,
+                get("token_id")?,
+                get("nll")?,
+            );
             let (Some(pos), Some(book), Some(tok), Some(nll)) = (
                 pos.as_any().downcast_ref::<UInt64Array>(),
                 book.as_any().downcast_ref::<UInt32Array>(),
                 tok.as_any().downcast_ref::<UInt32Array>(),
                 nll.as_any().downcast_ref::<Float32Array>(),
             ) else {
-                bail!("{}: NLL log columns have unexpected types (want u64, u32, u32, f32)", path.display());
+                bail!(
+                    "{}: NLL log columns have unexpected types (want u64, u32, u32, f32)",
+                    path.display()
+                );
             };
             for i in 0..batch.num_rows() {
                 log.push(NllRecord {
@@ -223,6 +232,7 @@ impl RunRecord {
     pub fn read_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read run record", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a streamppl run.json", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a streamppl run.json", path.display()))
     }
 }

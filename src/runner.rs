@@ -33,11 +33,16 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         architecture: "llama".into(),
         trained_context: model.config().context_length,
     };
-    Ok(LoadedModel { model, tokenizer, info })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info,
+    })
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -53,8 +58,11 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// A progress bar on stderr with rate and ETA (hidden when stderr is not a terminal).
 pub fn progress_bar(len: u64, what: &str, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
-    let template = format!("{{msg:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}");
-    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let template =
+        format!("{{msg:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}");
+    bar.set_style(
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     bar.set_message(what.to_string());
     bar
 }
@@ -62,18 +70,30 @@ pub fn progress_bar(len: u64, what: &str, unit: &str) -> ProgressBar {
 /// Selects books by `--books`: `N` (the first N), `A-B` (indices A..=B) or `I,J,K`.
 pub fn select_books(books: Vec<Book>, spec: Option<&str>) -> Result<Vec<Book>> {
     let Some(spec) = spec else { return Ok(books) };
-    let bad = || anyhow::anyhow!("--books `{spec}`: expected N (first N books), A-B (indices, inclusive) or I,J,K");
+    let bad = || {
+        anyhow::anyhow!(
+            "--books `{spec}`: expected N (first N books), A-B (indices, inclusive) or I,J,K"
+        )
+    };
     let n = books.len();
     let idx: Vec<usize> = if let Some((a, b)) = spec.split_once('-') {
-        let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        let (a, b): (usize, usize) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
         (a..=b).collect()
     } else if spec.contains(',') {
-        spec.split(',').map(|s| s.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?
+        spec.split(',')
+            .map(|s| s.trim().parse().map_err(|_| bad()))
+            .collect::<Result<_>>()?
     } else {
         (0..spec.trim().parse::<usize>().map_err(|_| bad())?.min(n)).collect()
     };
     if let Some(&i) = idx.iter().find(|&&i| i >= n) {
-        anyhow::bail!("--books `{spec}`: book {i} does not exist, the corpus has {n} books (0..{})", n.saturating_sub(1));
+        anyhow::bail!(
+            "--books `{spec}`: book {i} does not exist, the corpus has {n} books (0..{})",
+            n.saturating_sub(1)
+        );
     }
     Ok(idx.into_iter().map(|i| books[i].clone()).collect())
 }
@@ -101,7 +121,8 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
     for opts in &job.runs {
         let dir = job.out.join(opts.run_name());
-        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create output folder", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
         let bar = progress_bar(0, &opts.run_name(), "tok");
         let started = Instant::now();
         let log = evaluate(&lm.model, &lm.tokenizer, &corpus, opts, &bar)?;
@@ -114,11 +135,19 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
             engine: "token".into(),
             approximate: opts.strategy.is_approximate(),
             note: opts.strategy.is_approximate().then(|| {
-                format!("{}: stride approximation of re-computation, not the exact strategy", opts.strategy)
+                format!(
+                    "{}: stride approximation of re-computation, not the exact strategy",
+                    opts.strategy
+                )
             }),
             model: lm.info.clone(),
             corpus: CorpusInfo {
-                path: job.corpus.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
+                path: job
+                    .corpus
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 books: corpus.books.len() as u32,
                 max_tokens: opts.max_tokens,
             },
@@ -164,7 +193,9 @@ pub fn versions() -> Versions {
 
 /// UTC now as RFC 3339, without a date-time dependency.
 fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -176,7 +207,12 @@ fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// `streamppl info`: the architecture, the tokenizer and the file's checksum.

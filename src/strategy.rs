@@ -25,7 +25,9 @@ pub enum Strategy {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid strategy `{spec}`: {why}; expected one of dense, window:W, sink:S+W, recompute:W, recompute:W/s (W >= 1, 1 <= s <= W)")]
+#[error(
+    "invalid strategy `{spec}`: {why}; expected one of dense, window:W, sink:S+W, recompute:W, recompute:W/s (W >= 1, 1 <= s <= W)"
+)]
 pub struct StrategyParseError {
     spec: String,
     why: String,
@@ -51,9 +53,11 @@ impl Strategy {
             Strategy::Dense => "Dense".into(),
             Strategy::Sink { sinks: 0, window } => format!("Window {window}"),
             Strategy::Sink { sinks, window } => format!("StreamingLLM {sinks}+{window}"),
-            Strategy::Recompute { window, stride: 1 } => format!("Sliding window w/ re-computation {window}"),
+            Strategy::Recompute { window, stride: 1 } => {
+                format!("Sliding window w/ re-computation {window}")
+            }
             Strategy::Recompute { window, stride } => {
-                format!("Sliding window w/ re-computation {window}, stride {stride} (approx.)")
+                format!("Sliding window w/ re-computation {window}, stride {stride}")
             }
         }
     }
@@ -80,9 +84,14 @@ impl FromStr for Strategy {
     type Err = StrategyParseError;
 
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let err = |why: &str| StrategyParseError { spec: spec.to_string(), why: why.to_string() };
+        let err = |why: &str| StrategyParseError {
+            spec: spec.to_string(),
+            why: why.to_string(),
+        };
         let count = |s: &str, what: &str| -> Result<usize, StrategyParseError> {
-            s.trim().parse::<usize>().map_err(|_| err(&format!("{what} `{s}` is not a non-negative integer")))
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| err(&format!("{what} `{s}` is not a non-negative integer")))
         };
         let positive = |s: &str, what: &str| -> Result<usize, StrategyParseError> {
             match count(s, what)? {
@@ -94,10 +103,18 @@ impl FromStr for Strategy {
         match kind.trim() {
             "dense" if arg.is_empty() => Ok(Strategy::Dense),
             "dense" => Err(err("dense takes no argument")),
-            "window" => Ok(Strategy::Sink { sinks: 0, window: positive(arg, "window size")? }),
+            "window" => Ok(Strategy::Sink {
+                sinks: 0,
+                window: positive(arg, "window size")?,
+            }),
             "sink" => {
-                let (s, w) = arg.split_once('+').ok_or_else(|| err("sink needs S+W, e.g. sink:4+252"))?;
-                Ok(Strategy::Sink { sinks: count(s, "sink count")?, window: positive(w, "window size")? })
+                let (s, w) = arg
+                    .split_once('+')
+                    .ok_or_else(|| err("sink needs S+W, e.g. sink:4+252"))?;
+                Ok(Strategy::Sink {
+                    sinks: count(s, "sink count")?,
+                    window: positive(w, "window size")?,
+                })
             }
             "recompute" => {
                 let (w, s) = arg.split_once('/').unwrap_or((arg, "1"));
@@ -119,32 +136,65 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_form() {
-        for spec in ["dense", "window:256", "sink:4+252", "sink:0+8", "recompute:256", "recompute:256/64"] {
+        for spec in [
+            "dense",
+            "window:256",
+            "sink:4+252",
+            "sink:0+8",
+            "recompute:256",
+            "recompute:256/64",
+        ] {
             let s: Strategy = spec.parse().unwrap();
             let back = if spec == "sink:0+8" { "window:8" } else { spec };
             assert_eq!(s.to_string(), back);
         }
-        assert_eq!("window:8".parse::<Strategy>().unwrap(), Strategy::Sink { sinks: 0, window: 8 });
+        assert_eq!(
+            "window:8".parse::<Strategy>().unwrap(),
+            Strategy::Sink {
+                sinks: 0,
+                window: 8
+            }
+        );
         assert_eq!(
             "recompute:8/1".parse::<Strategy>().unwrap(),
-            Strategy::Recompute { window: 8, stride: 1 }
+            Strategy::Recompute {
+                window: 8,
+                stride: 1
+            }
         );
     }
 
     #[test]
     fn rejects_impossible_strategies() {
         for bad in [
-            "sink:4", "sink:4+0", "window:-1", "window:0", "recompute:0", "recompute:8/0", "recompute:8/9",
-            "dense:3", "foo", "", "sink:a+3",
+            "sink:4",
+            "sink:4+0",
+            "window:-1",
+            "window:0",
+            "recompute:0",
+            "recompute:8/0",
+            "recompute:8/9",
+            "dense:3",
+            "foo",
+            "",
+            "sink:a+3",
         ] {
             let e = bad.parse::<Strategy>().unwrap_err().to_string();
-            assert!(e.contains(&format!("`{bad}`")) && !e.contains('\n'), "{bad}: {e}");
+            assert!(
+                e.contains(&format!("`{bad}`")) && !e.contains('\n'),
+                "{bad}: {e}"
+            );
         }
     }
 
     #[test]
     fn only_strided_recompute_is_approximate() {
-        assert!("recompute:8/2".parse::<Strategy>().unwrap().is_approximate());
+        assert!(
+            "recompute:8/2"
+                .parse::<Strategy>()
+                .unwrap()
+                .is_approximate()
+        );
         assert!(!"recompute:8".parse::<Strategy>().unwrap().is_approximate());
         assert!(!"sink:4+8".parse::<Strategy>().unwrap().is_approximate());
     }

@@ -31,7 +31,10 @@ impl TokenStream {
     /// `prefix` tokens (e.g. `--sink-text`) are fed first and never scored; `max_scored` stops
     /// after that many scored tokens (the reference loop's `num_eval_tokens`).
     pub fn new(books: &[Vec<u32>], prefix: &[u32], max_scored: Option<u64>) -> Self {
-        let mut s = TokenStream { fed: prefix.to_vec(), targets: vec![None; prefix.len()] };
+        let mut s = TokenStream {
+            fed: prefix.to_vec(),
+            targets: vec![None; prefix.len()],
+        };
         let mut position = 0u64;
         'books: for (b, ids) in books.iter().enumerate() {
             for pair in ids.windows(2) {
@@ -39,7 +42,11 @@ impl TokenStream {
                     break 'books;
                 }
                 s.fed.push(pair[0]);
-                s.targets.push(Some(Target { token: pair[1], book: b as u32, position }));
+                s.targets.push(Some(Target {
+                    token: pair[1],
+                    book: b as u32,
+                    position,
+                }));
                 position += 1;
             }
         }
@@ -67,8 +74,12 @@ mod tests {
     fn last_token_of_a_book_is_never_fed_and_first_never_scored() {
         let s = TokenStream::new(&[vec![1, 2, 3], vec![4], vec![5, 6]], &[], None);
         assert_eq!(s.fed, vec![1, 2, 5]);
-        let scored: Vec<(u32, u32, u64)> =
-            s.targets.iter().flatten().map(|t| (t.token, t.book, t.position)).collect();
+        let scored: Vec<(u32, u32, u64)> = s
+            .targets
+            .iter()
+            .flatten()
+            .map(|t| (t.token, t.book, t.position))
+            .collect();
         assert_eq!(scored, vec![(2, 0, 0), (3, 0, 1), (6, 2, 2)]);
     }
 

@@ -58,41 +58,70 @@ impl TextTokenizer {
             return Ok(Self::from_tokenizer(inner, None));
         }
         let mut reader = BufReader::new(
-            File::open(model_path).with_context(|| format!("{}: cannot open model", model_path.display()))?,
+            File::open(model_path)
+                .with_context(|| format!("{}: cannot open model", model_path.display()))?,
         );
         let content = Content::read(&mut reader)
             .map_err(|e| anyhow!("{}: not a readable GGUF file ({e})", model_path.display()))?;
-        Self::from_gguf_metadata(&content.metadata)
-            .with_context(|| format!("{}: building the tokenizer from GGUF metadata", model_path.display()))
+        Self::from_gguf_metadata(&content.metadata).with_context(|| {
+            format!(
+                "{}: building the tokenizer from GGUF metadata",
+                model_path.display()
+            )
+        })
     }
 
     /// Byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type,pre}` (spec section 4).
     pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
-        let get = |k: &str| md.get(k).ok_or_else(|| anyhow!("no `{k}` in the GGUF metadata; put a tokenizer.json beside the model"));
+        let get = |k: &str| {
+            md.get(k).ok_or_else(|| {
+                anyhow!("no `{k}` in the GGUF metadata; put a tokenizer.json beside the model")
+            })
+        };
         let model = get("tokenizer.ggml.model")?.to_string()?;
         if model != "gpt2" {
-            bail!("tokenizer model `{model}` is not byte-level BPE (gpt2); put a tokenizer.json beside the model");
+            bail!(
+                "tokenizer model `{model}` is not byte-level BPE (gpt2); put a tokenizer.json beside the model"
+            );
         }
-        let tokens: Vec<String> =
-            get("tokenizer.ggml.tokens")?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<Result<_, _>>()?;
+        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<Result<_, _>>()?;
         let merges: Vec<(String, String)> = get("tokenizer.ggml.merges")?
             .to_vec()?
             .iter()
             .map(|v| {
                 let m = v.to_string()?;
-                m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| anyhow!("bad merge `{m}`"))
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| anyhow!("bad merge `{m}`"))
             })
             .collect::<Result<_>>()?;
         let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec()?.iter().map(|t| t.to_i32()).collect::<Result<_, _>>()?,
+            Some(v) => v
+                .to_vec()?
+                .iter()
+                .map(|t| t.to_i32())
+                .collect::<Result<_, _>>()?,
             None => vec![1; tokens.len()],
         };
-        let vocab: ahash::AHashMap<String, u32> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| anyhow!("{e}"))?;
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow!("{e}"))?;
         let mut inner = Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
-        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str);
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str);
         match pre {
             // SmolLM2: every digit is its own pre-token.
             Some("smollm") => inner.with_pre_tokenizer(Some(Sequence::new(vec![
@@ -112,8 +141,13 @@ impl TextTokenizer {
             .filter(|(_, t)| **t == 3)
             .map(|(s, _)| AddedToken::from(s.clone(), true))
             .collect();
-        inner.add_special_tokens(special).map_err(|e| anyhow!("adding control tokens: {e}"))?;
-        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| anyhow!("adding control tokens: {e}"))?;
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
         let bos = match add_bos {
             true => Some(get("tokenizer.ggml.bos_token_id")?.to_u32()?),
             false => None,
@@ -129,20 +163,37 @@ impl TextTokenizer {
                 let s = inner.id_to_token(id).unwrap_or_default();
                 let is_byte_level = s.chars().all(|c| map.contains_key(&c));
                 let special = inner.get_added_vocabulary().is_special_token(&s);
-                if is_byte_level && !special { s.chars().count() as u32 } else { s.len() as u32 }
+                if is_byte_level && !special {
+                    s.chars().count() as u32
+                } else {
+                    s.len() as u32
+                }
             })
             .collect();
-        TextTokenizer { inner, bos, token_bytes }
+        TextTokenizer {
+            inner,
+            bos,
+            token_bytes,
+        }
     }
 
     /// Token ids of `text`, exactly as stored (no normalization), with BOS if the model wants it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
-        Ok(self.bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(self
+            .bos
+            .into_iter()
+            .chain(enc.get_ids().iter().copied())
+            .collect())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("decoding: {e}"))
     }
 
     /// How many UTF-8 bytes of text token `id` stands for.

@@ -26,7 +26,9 @@ fn books(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
         .map(|&n| {
             (0..n)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((x >> 33) % VOCAB as u64) as u32
                 })
                 .collect()
@@ -38,13 +40,21 @@ fn nlls(strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
     let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
     let s: Strategy = strategy.parse().unwrap();
     let log = run_strategy(&model, s, pos_shift, stream, &ProgressBar::hidden()).unwrap();
-    assert_eq!(log.len() as u64, stream.scored_count(), "{strategy}: every target scored once");
+    assert_eq!(
+        log.len() as u64,
+        stream.scored_count(),
+        "{strategy}: every target scored once"
+    );
     log.records.iter().map(|r| r.nll).collect()
 }
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let max = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let max = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(max <= tol, "{what}: max |delta NLL| = {max} > {tol}");
 }
 
@@ -53,26 +63,56 @@ fn short_streams_give_identical_nlls_for_sink_window_dense() {
     // 3 books, 24 fed tokens < S+W = 4+28.
     let stream = TokenStream::new(&books(&[9, 6, 12], 1), &[], None);
     let dense = nlls("dense", true, &stream);
-    assert_close(&nlls("sink:4+28", true, &stream), &dense, 1e-6, "sink vs dense");
-    assert_close(&nlls("window:32", true, &stream), &dense, 1e-6, "window vs dense");
-    assert_close(&nlls("sink:4+28", false, &stream), &dense, 1e-6, "no-pos-shift vs dense");
+    assert_close(
+        &nlls("sink:4+28", true, &stream),
+        &dense,
+        1e-6,
+        "sink vs dense",
+    );
+    assert_close(
+        &nlls("window:32", true, &stream),
+        &dense,
+        1e-6,
+        "window vs dense",
+    );
+    assert_close(
+        &nlls("sink:4+28", false, &stream),
+        &dense,
+        1e-6,
+        "no-pos-shift vs dense",
+    );
 }
 
 #[test]
 fn recompute_with_a_window_as_long_as_the_stream_is_dense() {
     let stream = TokenStream::new(&books(&[20, 15], 2), &[], None);
     let dense = nlls("dense", true, &stream);
-    assert_close(&nlls("recompute:40", true, &stream), &dense, 1e-5, "recompute:40 vs dense");
+    assert_close(
+        &nlls("recompute:40", true, &stream),
+        &dense,
+        1e-5,
+        "recompute:40 vs dense",
+    );
 }
 
 #[test]
 fn recompute_stride_one_is_recompute() {
     let stream = TokenStream::new(&books(&[30, 12], 3), &[], None);
     let exact = nlls("recompute:8", true, &stream);
-    assert_close(&nlls("recompute:8/1", true, &stream), &exact, 0.0, "recompute:8/1");
+    assert_close(
+        &nlls("recompute:8/1", true, &stream),
+        &exact,
+        0.0,
+        "recompute:8/1",
+    );
     // A stride > 1 scores every token too, but from shorter contexts: it must differ.
     let strided = nlls("recompute:8/4", true, &stream);
-    assert!(strided.iter().zip(&exact).any(|(a, b)| (a - b).abs() > 1e-4));
+    assert!(
+        strided
+            .iter()
+            .zip(&exact)
+            .any(|(a, b)| (a - b).abs() > 1e-4)
+    );
 }
 
 #[test]
@@ -87,7 +127,9 @@ fn recompute_matches_the_oracle_window() {
             let first = t.saturating_sub(w);
             let fed = &stream.fed[first..=t];
             // Fresh dense pass over the window; score the last token.
-            let nll = oracle.stream(fed, &|i| (0..=i).map(|j| (j, j as u64)).collect(), &|i| i as u64);
+            let nll = oracle.stream(fed, &|i| (0..=i).map(|j| (j, j as u64)).collect(), &|i| {
+                i as u64
+            });
             let target = stream.targets[t].unwrap().token;
             oracle.nll(&nll[fed.len() - 1], target) as f32
         })
@@ -100,15 +142,26 @@ fn recompute_matches_the_oracle_window() {
 /// after them; without, everything keeps its stream index.
 fn spec_visible(s: usize, w: usize, pos_shift: bool) -> impl Fn(usize) -> Vec<(usize, u64)> {
     move |t| {
-        let keys: Vec<usize> = if t <= s + w { (0..=t).collect() } else { (0..s).chain(t - w..=t).collect() };
-        keys.iter().enumerate().map(|(rank, &j)| (j, if pos_shift { rank as u64 } else { j as u64 })).collect()
+        let keys: Vec<usize> = if t <= s + w {
+            (0..=t).collect()
+        } else {
+            (0..s).chain(t - w..=t).collect()
+        };
+        keys.iter()
+            .enumerate()
+            .map(|(rank, &j)| (j, if pos_shift { rank as u64 } else { j as u64 }))
+            .collect()
     }
 }
 
 fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]) {
     // Four books: the cache is carried across each boundary, and a 1-token book adds nothing.
     let stream = TokenStream::new(&books(&[17, 1, 13, 21], 5), prefix, None);
-    let spec = if s == 0 { format!("window:{w}") } else { format!("sink:{s}+{w}") };
+    let spec = if s == 0 {
+        format!("window:{w}")
+    } else {
+        format!("sink:{s}+{w}")
+    };
     let got = nlls(&spec, pos_shift, &stream);
     let oracle = Oracle::new();
     let visible = spec_visible(s, w, pos_shift);
@@ -120,7 +173,12 @@ fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]
         .zip(&hidden)
         .filter_map(|(target, h)| target.map(|tg| oracle.nll(h, tg.token) as f32))
         .collect();
-    assert_close(&got, &want, 1e-4, &format!("{spec} pos_shift={pos_shift} vs oracle"));
+    assert_close(
+        &got,
+        &want,
+        1e-4,
+        &format!("{spec} pos_shift={pos_shift} vs oracle"),
+    );
 }
 
 #[test]
@@ -149,7 +207,12 @@ fn no_pos_shift_differs_once_eviction_starts() {
     // Fed token t evicts from t = S+W+1 on; before that the two are the same computation.
     let start = s + w + 1;
     assert_close(&shift[..start], &fixed[..start], 1e-6, "before eviction");
-    assert!(shift[start..].iter().zip(&fixed[start..]).all(|(a, b)| (a - b).abs() > 1e-6));
+    assert!(
+        shift[start..]
+            .iter()
+            .zip(&fixed[start..])
+            .all(|(a, b)| (a - b).abs() > 1e-6)
+    );
 }
 
 /// A naive f64 Llama over plain vectors, written from the architecture, not from the engine.
@@ -175,13 +238,19 @@ impl Oracle {
 
     /// y = W x for W stored (rows, x.len()).
     fn matvec(&self, name: &str, x: &[f64]) -> Vec<f64> {
-        self.get(name).chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+        self.get(name)
+            .chunks(x.len())
+            .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
     }
 
     fn rms_norm(&self, x: &[f64], name: &str) -> Vec<f64> {
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
         let r = 1.0 / (ms + self.cfg.rms_eps).sqrt();
-        x.iter().zip(self.get(name)).map(|(v, g)| v * r * g).collect()
+        x.iter()
+            .zip(self.get(name))
+            .map(|(v, g)| v * r * g)
+            .collect()
     }
 
     /// Interleaved RoPE: pairs (2i, 2i+1) rotate by pos * theta^(-2i/hd).
@@ -199,7 +268,12 @@ impl Oracle {
 
     /// Feeds `fed` in order. `visible(t)` lists (token, key position) of every key token t
     /// attends to (itself included); `q_pos(t)` is its query position. Returns final hidden states.
-    fn stream(&self, fed: &[u32], visible: &Visible, q_pos: &dyn Fn(usize) -> u64) -> Vec<Vec<f64>> {
+    fn stream(
+        &self,
+        fed: &[u32],
+        visible: &Visible,
+        q_pos: &dyn Fn(usize) -> u64,
+    ) -> Vec<Vec<f64>> {
         let c = &self.cfg;
         let (d, hd, group) = (c.hidden_size, c.head_dim(), c.n_head / c.n_kv_head);
         // Per layer, per token: pre-RoPE key and value (a token's own, fixed once it is fed).
@@ -207,7 +281,8 @@ impl Oracle {
         let mut values = vec![Vec::<Vec<f64>>::new(); c.n_layer];
         let mut out = Vec::new();
         for (t, &tok) in fed.iter().enumerate() {
-            let mut x = self.get("token_embd.weight")[tok as usize * d..(tok as usize + 1) * d].to_vec();
+            let mut x =
+                self.get("token_embd.weight")[tok as usize * d..(tok as usize + 1) * d].to_vec();
             let vis = visible(t);
             for l in 0..c.n_layer {
                 let p = format!("blk.{l}");
@@ -240,7 +315,11 @@ impl Oracle {
                 let h = self.rms_norm(&x, &format!("{p}.ffn_norm.weight"));
                 let g = self.matvec(&format!("{p}.ffn_gate.weight"), &h);
                 let u = self.matvec(&format!("{p}.ffn_up.weight"), &h);
-                let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let act: Vec<f64> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
                 let dn = self.matvec(&format!("{p}.ffn_down.weight"), &act);
                 x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
             }

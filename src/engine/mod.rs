@@ -25,7 +25,9 @@ pub fn run_strategy(
     progress: &ProgressBar,
 ) -> Result<NllLog> {
     match strategy {
-        Strategy::Recompute { window, stride } => recompute::run(model, window, stride, stream, progress),
+        Strategy::Recompute { window, stride } => {
+            recompute::run(model, window, stride, stream, progress)
+        }
         s => token::TokenEngine::new(model, s, pos_shift)?.run(stream, progress),
     }
 }
@@ -33,6 +35,11 @@ pub fn run_strategy(
 /// Appends the NLLs of `targets` (skipping unscored fed tokens) to `log`.
 pub(crate) fn log_targets(log: &mut NllLog, targets: &[Option<Target>], nll: &[f32]) {
     for (t, &v) in targets.iter().flatten().zip(nll) {
-        log.push(NllRecord { position: t.position, book: t.book, token_id: t.token, nll: v });
+        log.push(NllRecord {
+            position: t.position,
+            book: t.book,
+            token_id: t.token,
+            nll: v,
+        });
     }
 }

@@ -11,7 +11,13 @@ use crate::stream::TokenStream;
 
 use super::log_targets;
 
-pub fn run(model: &Llama, window: usize, stride: usize, stream: &TokenStream, progress: &ProgressBar) -> Result<NllLog> {
+pub fn run(
+    model: &Llama,
+    window: usize,
+    stride: usize,
+    stream: &TokenStream,
+    progress: &ProgressBar,
+) -> Result<NllLog> {
     let mut log = NllLog::default();
     let mut cache = model.new_cache(window + 1)?;
     let n = stream.len();
@@ -30,10 +36,14 @@ pub fn run(model: &Llama, window: usize, stride: usize, stream: &TokenStream, pr
         let scored_from = start - first;
         let targets = &stream.targets[start..=end];
         let hidden = model.forward(&stream.fed[first..=end], &plan, &mut cache)?;
-        let rows: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].is_some()).collect();
+        let rows: Vec<usize> = (0..targets.len())
+            .filter(|&i| targets[i].is_some())
+            .collect();
         if !rows.is_empty() {
             let idx = candle_core::Tensor::new(
-                rows.iter().map(|&i| (scored_from + i) as u32).collect::<Vec<_>>(),
+                rows.iter()
+                    .map(|&i| (scored_from + i) as u32)
+                    .collect::<Vec<_>>(),
                 model.device(),
             )?;
             let ids: Vec<u32> = targets.iter().flatten().map(|t| t.token).collect();

@@ -33,7 +33,9 @@ impl<'m> TokenEngine<'m> {
         let budget = match strategy {
             Strategy::Dense => None,
             Strategy::Sink { sinks, window } => Some((sinks, window)),
-            Strategy::Recompute { .. } => bail!("{strategy} is not run by the token engine's cache"),
+            Strategy::Recompute { .. } => {
+                bail!("{strategy} is not run by the token engine's cache")
+            }
         };
         // One slot more than S+W: the current token sits in the cache while it attends.
         let capacity = budget.map_or(1024, |(s, w)| s + w + 1);
@@ -84,7 +86,11 @@ impl<'m> TokenEngine<'m> {
         let plan = AttnPlan {
             q_pos: vec![self.position(t, t)],
             write_at: slot,
-            k_pos: self.slot_token.iter().map(|&j| self.position(j, t)).collect(),
+            k_pos: self
+                .slot_token
+                .iter()
+                .map(|&j| self.position(j, t))
+                .collect(),
             mask: None,
         };
         self.warn_past_context(plan.q_pos[0]);

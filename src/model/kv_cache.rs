@@ -21,7 +21,9 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self> {
         let zeros = || Tensor::zeros((n_kv_head, capacity, head_dim), DType::F32, device);
-        let layers = (0..n_layer).map(|_| Ok((zeros()?, zeros()?))).collect::<Result<_>>()?;
+        let layers = (0..n_layer)
+            .map(|_| Ok((zeros()?, zeros()?)))
+            .collect::<Result<_>>()?;
         Ok(KvCache { layers, capacity })
     }
 
@@ -61,6 +63,9 @@ impl KvCache {
         if n == self.capacity {
             return Ok((k.clone(), v.clone()));
         }
-        Ok((k.narrow(1, 0, n)?.contiguous()?, v.narrow(1, 0, n)?.contiguous()?))
+        Ok((
+            k.narrow(1, 0, n)?.contiguous()?,
+            v.narrow(1, 0, n)?.contiguous()?,
+        ))
     }
 }

@@ -97,7 +97,10 @@ pub struct Llama {
 }
 
 fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-    Ok(Linear::new(vb.get((out_dim, in_dim), &format!("{name}.weight"))?, None))
+    Ok(Linear::new(
+        vb.get((out_dim, in_dim), &format!("{name}.weight"))?,
+        None,
+    ))
 }
 
 impl Llama {
@@ -146,7 +149,13 @@ impl Llama {
 
     /// A KV cache shaped for this model.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        KvCache::new(self.cfg.n_layer, self.cfg.n_kv_head, self.cfg.head_dim(), capacity, &self.device)
+        KvCache::new(
+            self.cfg.n_layer,
+            self.cfg.n_kv_head,
+            self.cfg.head_dim(),
+            capacity,
+            &self.device,
+        )
     }
 
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
@@ -159,7 +168,15 @@ impl Llama {
         let mut x = self.embed.forward(&ids)?; // (T, d)
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, self.cfg.rms_eps as f32)?;
-            let attn = self.attention(layer, b, &h, plan, cache, (&q_cos, &q_sin), (&k_cos, &k_sin))?;
+            let attn = self.attention(
+                layer,
+                b,
+                &h,
+                plan,
+                cache,
+                (&q_cos, &q_sin),
+                (&k_cos, &k_sin),
+            )?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, self.cfg.rms_eps as f32)?;
             let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
@@ -199,12 +216,17 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?; // (nkv, group*T, n_keys)
         let scores = match &plan.mask {
-            Some(mask) => scores.reshape((nkv, group, t, n_keys))?.broadcast_add(mask)?,
+            Some(mask) => scores
+                .reshape((nkv, group, t, n_keys))?
+                .broadcast_add(mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((nkv, group * t, n_keys))?)?;
         let out = probs.matmul(&v)?; // (nkv, group*T, hd)
-        let out = out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let out = out
+            .reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, nh * hd))?;
         b.wo.forward(&out)
     }
 

@@ -34,7 +34,12 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f
         let data = (0..n).map(|_| offset + scale * rng.next_f32()).collect();
         out.push((name, shape, data));
     };
-    add("token_embd.weight".into(), vec![cfg.vocab_size, d], 1.0, 0.0);
+    add(
+        "token_embd.weight".into(),
+        vec![cfg.vocab_size, d],
+        1.0,
+        0.0,
+    );
     add("output_norm.weight".into(), vec![d], 0.2, 1.0);
     if !cfg.tied_embeddings {
         add("output.weight".into(), vec![cfg.vocab_size, d], 1.0, 0.0);
@@ -43,10 +48,30 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f
     for i in 0..cfg.n_layer {
         let p = format!("blk.{i}");
         add(format!("{p}.attn_norm.weight"), vec![d], 0.2, 1.0);
-        add(format!("{p}.attn_q.weight"), vec![cfg.n_head * hd, d], 2.0 * s(d), 0.0);
-        add(format!("{p}.attn_k.weight"), vec![cfg.n_kv_head * hd, d], 2.0 * s(d), 0.0);
-        add(format!("{p}.attn_v.weight"), vec![cfg.n_kv_head * hd, d], s(d), 0.0);
-        add(format!("{p}.attn_output.weight"), vec![d, cfg.n_head * hd], s(cfg.n_head * hd), 0.0);
+        add(
+            format!("{p}.attn_q.weight"),
+            vec![cfg.n_head * hd, d],
+            2.0 * s(d),
+            0.0,
+        );
+        add(
+            format!("{p}.attn_k.weight"),
+            vec![cfg.n_kv_head * hd, d],
+            2.0 * s(d),
+            0.0,
+        );
+        add(
+            format!("{p}.attn_v.weight"),
+            vec![cfg.n_kv_head * hd, d],
+            s(d),
+            0.0,
+        );
+        add(
+            format!("{p}.attn_output.weight"),
+            vec![d, cfg.n_head * hd],
+            s(cfg.n_head * hd),
+            0.0,
+        );
         add(format!("{p}.ffn_norm.weight"), vec![d], 0.2, 1.0);
         add(format!("{p}.ffn_gate.weight"), vec![f, d], s(d), 0.0);
         add(format!("{p}.ffn_up.weight"), vec![f, d], s(d), 0.0);

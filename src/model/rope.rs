@@ -17,8 +17,9 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64) -> Self {
-        let inv_freq: Vec<f64> =
-            (0..head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64)).collect();
+        let inv_freq: Vec<f64> = (0..head_dim / 2)
+            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+            .collect();
         let mut cos = Vec::with_capacity(TABLE_LEN * inv_freq.len());
         let mut sin = Vec::with_capacity(TABLE_LEN * inv_freq.len());
         for p in 0..TABLE_LEN {
@@ -50,6 +51,9 @@ impl Rope {
             }
         }
         let shape = (positions.len(), half);
-        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
     }
 }

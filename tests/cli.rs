@@ -1,0 +1,198 @@
+//! The command line's contract for bad input: a one-line error naming the input and the fix,
+//! a non-zero exit, and never a panic.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn streamppl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_streamppl"))
+        .args(args)
+        .output()
+        .expect("run streamppl")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("streamppl-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Fails unless the command exited non-zero with exactly one line on stderr containing `want`.
+fn assert_one_line_error(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() <= 2, "want a one-line error, got:\n{err}"); // clap may add a usage hint line
+    assert!(err.contains(want), "error should mention `{want}`:\n{err}");
+}
+
+fn text_corpus() -> PathBuf {
+    let f = tmp("corpus").join("book.txt");
+    std::fs::write(&f, "It was the best of times, it was the worst of times.").unwrap();
+    f
+}
+
+fn real_model() -> Option<String> {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        Some(p.display().to_string())
+    } else {
+        eprintln!(
+            "\n!!! SKIPPED: models/SmolLM2-135M-Instruct.Q4_1.gguf is missing; run scripts/fetch-defaults.sh !!!\n"
+        );
+        None
+    }
+}
+
+#[test]
+fn malformed_strategies_are_rejected_before_any_work() {
+    let corpus = text_corpus();
+    for bad in ["sink:4", "sink:4+0", "window:-1", "recompute:0"] {
+        let out = streamppl(&[
+            "eval",
+            "--model",
+            "does-not-matter.gguf",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--strategy",
+            bad,
+        ]);
+        assert_one_line_error(&out, bad);
+    }
+}
+
+#[test]
+fn a_missing_model_file_names_the_file_and_the_fix() {
+    let corpus = text_corpus();
+    let out = streamppl(&[
+        "eval",
+        "--model",
+        "/nonexistent/m.gguf",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--strategy",
+        "dense",
+    ]);
+    assert_one_line_error(&out, "/nonexistent/m.gguf");
+    assert_one_line_error(&out, "fetch-defaults");
+}
+
+#[test]
+fn a_truncated_model_file_is_an_error_not_a_panic() {
+    let Some(model) = real_model() else { return };
+    let bytes = std::fs::read(&model).unwrap();
+    let corpus = text_corpus();
+    for (name, len) in [("head", 100), ("half", bytes.len() / 2)] {
+        let cut = tmp("truncated").join(format!("{name}.gguf"));
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        let out = streamppl(&[
+            "eval",
+            "--model",
+            cut.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--strategy",
+            "dense",
+        ]);
+        assert_one_line_error(&out, cut.to_str().unwrap());
+    }
+}
+
+#[test]
+fn max_tokens_zero_is_rejected() {
+    let corpus = text_corpus();
+    let out = streamppl(&[
+        "eval",
+        "--model",
+        "m.gguf",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--strategy",
+        "dense",
+        "--max-tokens",
+        "0",
+    ]);
+    assert_one_line_error(&out, "--max-tokens");
+}
+
+#[test]
+fn an_empty_corpus_file_is_rejected() {
+    let Some(model) = real_model() else { return };
+    let empty = tmp("empty").join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = streamppl(&[
+        "eval",
+        "--model",
+        &model,
+        "--corpus",
+        empty.to_str().unwrap(),
+        "--strategy",
+        "dense",
+    ]);
+    assert_one_line_error(&out, "empty.txt");
+}
+
+#[test]
+fn eval_table_and_plot_run_end_to_end() {
+    let Some(model) = real_model() else { return };
+    let corpus = text_corpus();
+    let out_dir = tmp("e2e");
+    let out = streamppl(&[
+        "eval",
+        "--model",
+        &model,
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--strategy",
+        "dense",
+        "--strategy",
+        "sink:2+4",
+        "--strategy",
+        "recompute:4/2",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for run in ["dense", "sink:2+4", "recompute:4/2"] {
+        let record =
+            streamppl::nll_log::RunRecord::read_json(&out_dir.join(run).join("run.json")).unwrap();
+        let log = streamppl::nll_log::NllLog::read_parquet(&out_dir.join(run).join("nll.parquet"))
+            .unwrap();
+        assert_eq!(record.tokens_scored, log.len() as u64);
+        assert!(record.tokens_scored > 5 && record.ppl.is_finite() && record.ppl > 1.0);
+        assert_eq!(record.approximate, run == "recompute:4/2");
+    }
+    let table = streamppl(&["table", out_dir.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| strategy"))
+            .count(),
+        3,
+        "{table}"
+    );
+    let png = out_dir.join("ppl.png");
+    let plot = streamppl(&[
+        "plot",
+        out_dir.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        plot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plot.stderr)
+    );
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    assert!(png.with_extension("svg").is_file());
+}

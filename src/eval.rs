@@ -2,6 +2,7 @@
 
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
+use sha2::{Digest, Sha256};
 
 use crate::corpus::Book;
 use crate::engine::run_strategy;
@@ -136,7 +137,37 @@ impl EvalOptions {
     }
 }
 
-/// Runs the strategy over the corpus and returns the per-token log.
+/// The fed/scored stream of a run: the sink prefix, then the corpus up to `--max-tokens`.
+pub fn stream_for(
+    tok: &TextTokenizer,
+    corpus: &TokenizedCorpus,
+    opts: &EvalOptions,
+) -> Result<TokenStream> {
+    opts.validate()?;
+    let stream = TokenStream::new(&corpus.ids, &opts.sink_prefix(tok)?, opts.max_tokens);
+    if stream.scored_count() == 0 {
+        bail!("the corpus has no token to score (every book is shorter than 2 tokens)");
+    }
+    Ok(stream)
+}
+
+/// Identifies a run's configuration: options, model and the exact token stream. A finished run
+/// or checkpoint with the same fingerprint is the same computation.
+pub fn fingerprint(opts: &EvalOptions, model_sha256: &str, stream: &TokenStream) -> String {
+    let mut h = Sha256::new();
+    h.update(opts.run_name().as_bytes());
+    h.update(model_sha256.as_bytes());
+    for (fed, target) in stream.fed.iter().zip(&stream.targets) {
+        h.update(fed.to_le_bytes());
+        if let Some(t) = target {
+            h.update(t.token.to_le_bytes());
+            h.update(t.book.to_le_bytes());
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs the strategy over the corpus and returns the per-token log (no checkpoints).
 pub fn evaluate(
     model: &Llama,
     tok: &TextTokenizer,
@@ -144,13 +175,16 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &ProgressBar,
 ) -> Result<NllLog> {
-    opts.validate()?;
-    let stream = TokenStream::new(&corpus.ids, &opts.sink_prefix(tok)?, opts.max_tokens);
-    if stream.scored_count() == 0 {
-        bail!("the corpus has no token to score (every book is shorter than 2 tokens)");
-    }
+    let stream = stream_for(tok, corpus, opts)?;
     progress.set_length(stream.scored_count());
-    run_strategy(model, opts.strategy, opts.pos_shift, &stream, progress)
+    run_strategy(
+        model,
+        opts.strategy,
+        opts.pos_shift,
+        &stream,
+        progress,
+        None,
+    )
 }
 
 /// Metrics of a log (spec section 1), with words and bytes counted over the text that the

@@ -49,6 +49,9 @@ enum Command {
         no_pos_shift: bool,
         #[arg(long, default_value = "results/eval")]
         out: PathBuf,
+        /// Seconds between checkpoints; a killed run restarted with the same command resumes from the last one.
+        #[arg(long, default_value_t = 60)]
+        checkpoint_every: u64,
     },
     /// Print one markdown table over run directories.
     Table {
@@ -125,6 +128,7 @@ fn run(cli: Cli) -> Result<()> {
             sink_text,
             no_pos_shift,
             out,
+            checkpoint_every,
         } => {
             let runs = strategies
                 .into_iter()
@@ -141,6 +145,7 @@ fn run(cli: Cli) -> Result<()> {
                 books,
                 runs,
                 out,
+                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
             })?;
         }
         Command::Table { runs } => print!("{}", markdown_table(&load_runs(&runs)?)),

@@ -188,6 +188,9 @@ pub struct RunRecord {
     pub versions: Versions,
     /// UTC time the run finished, RFC 3339.
     pub finished_at: String,
+    /// Hash of the options, model and token stream: a rerun with the same one is skipped.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -10,8 +10,10 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
+use crate::checkpoint::Checkpointer;
 use crate::corpus::{Book, load_corpora};
-use crate::eval::{EvalOptions, TokenizedCorpus, evaluate, metrics};
+use crate::engine::run_strategy;
+use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, stream_for};
 use crate::model::Llama;
 use crate::model::gguf::load_gguf;
 use crate::nll_log::{CorpusInfo, ModelInfo, RunRecord, Versions};
@@ -104,6 +106,8 @@ pub struct EvalJob {
     pub books: Option<String>,
     pub runs: Vec<EvalOptions>,
     pub out: PathBuf,
+    /// How often a running strategy saves its state (an interruption loses at most this much).
+    pub checkpoint_every: std::time::Duration,
 }
 
 /// Runs every strategy of the job; returns the run directories written.
@@ -123,9 +127,27 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
         let dir = job.out.join(opts.run_name());
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
-        let bar = progress_bar(0, &opts.run_name(), "tok");
+        let stream = stream_for(&lm.tokenizer, &corpus, opts)?;
+        let fingerprint = fingerprint(opts, &lm.info.sha256, &stream);
+        if let Ok(done) = RunRecord::read_json(&dir.join("run.json"))
+            && done.fingerprint == fingerprint
+            && dir.join("nll.parquet").is_file()
+        {
+            eprintln!("{:<28} already done -> {}", opts.run_name(), dir.display());
+            dirs.push(dir);
+            continue;
+        }
+        let mut ckpt = Checkpointer::new(&dir, fingerprint.clone(), job.checkpoint_every);
+        let bar = progress_bar(stream.scored_count(), &opts.run_name(), "tok");
         let started = Instant::now();
-        let log = evaluate(&lm.model, &lm.tokenizer, &corpus, opts, &bar)?;
+        let log = run_strategy(
+            &lm.model,
+            opts.strategy,
+            opts.pos_shift,
+            &stream,
+            &bar,
+            Some(&mut ckpt),
+        )?;
         let wall = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
         let m = metrics(&log, &corpus, &lm.tokenizer);
@@ -167,9 +189,11 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
             threads: candle_core::utils::get_num_threads(),
             versions: versions(),
             finished_at: now_rfc3339(),
+            fingerprint,
         };
         log.write_parquet(&dir.join("nll.parquet"))?;
         record.write_json(&dir.join("run.json"))?;
+        ckpt.clear()?;
         eprintln!(
             "{:<28} {:>7} tokens  ppl {:>10.3}  {:>7.1} tok/s  -> {}",
             opts.run_name(),

@@ -39,7 +39,7 @@ fn books(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
 fn nlls(strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
     let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
     let s: Strategy = strategy.parse().unwrap();
-    let log = run_strategy(&model, s, pos_shift, stream, &ProgressBar::hidden()).unwrap();
+    let log = run_strategy(&model, s, pos_shift, stream, &ProgressBar::hidden(), None).unwrap();
     assert_eq!(
         log.len() as u64,
         stream.scored_count(),
@@ -333,5 +333,63 @@ impl Oracle {
         let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
         lse - logits[target as usize]
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
+    use std::time::Duration;
+    use streamppl::checkpoint::Checkpointer;
+    let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
+    let stream = TokenStream::new(&books(&[30, 25], 8), &[], None);
+    for spec in ["sink:2+5", "dense", "recompute:6/3"] {
+        let s: Strategy = spec.parse().unwrap();
+        let whole = run_strategy(&model, s, true, &stream, &ProgressBar::hidden(), None).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "streamppl-ckpt-{}-{}",
+            std::process::id(),
+            s.dir_name()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A crash right after the checkpoint at fed token 21 is a run over the first 21 tokens
+        // (a multiple of the recompute stride, where that engine checkpoints).
+        let cut = TokenStream {
+            fed: stream.fed[..21].to_vec(),
+            targets: stream.targets[..21].to_vec(),
+        };
+        let mut ckpt = Checkpointer::new(&dir, "same run".into(), Duration::ZERO);
+        run_strategy(
+            &model,
+            s,
+            true,
+            &cut,
+            &ProgressBar::hidden(),
+            Some(&mut ckpt),
+        )
+        .unwrap();
+        let mut ckpt = Checkpointer::new(&dir, "same run".into(), Duration::from_secs(3600));
+        let resumed = run_strategy(
+            &model,
+            s,
+            true,
+            &stream,
+            &ProgressBar::hidden(),
+            Some(&mut ckpt),
+        )
+        .unwrap();
+        assert_eq!(resumed, whole, "{spec}: resumed run differs");
+        // A checkpoint of another configuration is ignored, not resumed.
+        let mut other = Checkpointer::new(&dir, "other run".into(), Duration::from_secs(3600));
+        let fresh = run_strategy(
+            &model,
+            s,
+            true,
+            &stream,
+            &ProgressBar::hidden(),
+            Some(&mut other),
+        )
+        .unwrap();
+        assert_eq!(fresh, whole);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,25 +10,28 @@ pub mod token;
 use anyhow::Result;
 use indicatif::ProgressBar;
 
+use crate::checkpoint::Checkpointer;
 use crate::model::Llama;
 use crate::nll_log::{NllLog, NllRecord};
 use crate::strategy::Strategy;
 use crate::stream::{Target, TokenStream};
 
 /// Runs `strategy` over `stream` with the engine that implements it.
-/// `pos_shift = false` is the `--no-pos-shift` ablation (window and sink only).
+/// `pos_shift = false` is the `--no-pos-shift` ablation (window and sink only). With `ckpt`,
+/// the run resumes from its checkpoint and saves new ones as it goes.
 pub fn run_strategy(
     model: &Llama,
     strategy: Strategy,
     pos_shift: bool,
     stream: &TokenStream,
     progress: &ProgressBar,
+    ckpt: Option<&mut Checkpointer>,
 ) -> Result<NllLog> {
     match strategy {
         Strategy::Recompute { window, stride } => {
-            recompute::run(model, window, stride, stream, progress)
+            recompute::run(model, window, stride, stream, progress, ckpt)
         }
-        s => token::TokenEngine::new(model, s, pos_shift)?.run(stream, progress),
+        s => token::TokenEngine::new(model, s, pos_shift)?.run(stream, progress, ckpt),
     }
 }
 

@@ -5,6 +5,7 @@
 use anyhow::Result;
 use indicatif::ProgressBar;
 
+use crate::checkpoint::Checkpointer;
 use crate::model::{AttnPlan, Llama};
 use crate::nll_log::NllLog;
 use crate::stream::TokenStream;
@@ -17,11 +18,19 @@ pub fn run(
     stride: usize,
     stream: &TokenStream,
     progress: &ProgressBar,
+    mut ckpt: Option<&mut Checkpointer>,
 ) -> Result<NllLog> {
     let mut log = NllLog::default();
+    let mut start = 0;
+    let resume = ckpt
+        .as_deref()
+        .map(|c| c.load(model.config().n_layer, model.device()));
+    if let Some(state) = resume.transpose()?.flatten() {
+        (start, log) = (state.next, state.log);
+        progress.set_position(log.len() as u64);
+    }
     let mut cache = model.new_cache(window + 1)?;
     let n = stream.len();
-    let mut start = 0;
     while start < n {
         // Fed tokens start..=end are scored by the window that ends at `end`.
         let end = (start + stride - 1).min(n - 1);
@@ -52,6 +61,9 @@ pub fn run(
             progress.inc(rows.len() as u64);
         }
         start = end + 1;
+        if let Some(c) = ckpt.as_deref_mut().filter(|c| c.due()) {
+            c.save(start, &log, None)?;
+        }
     }
     Ok(log)
 }

@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
+use crate::checkpoint::Checkpointer;
 use crate::model::{AttnPlan, KvCache, Llama};
 use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
@@ -109,15 +110,37 @@ impl<'m> TokenEngine<'m> {
         }
     }
 
-    /// Feeds the whole stream, scoring after every fed token that has a target.
-    pub fn run(mut self, stream: &TokenStream, progress: &ProgressBar) -> Result<NllLog> {
+    /// Feeds the whole stream, scoring after every fed token that has a target; resumes from
+    /// and saves to `ckpt` when given.
+    pub fn run(
+        mut self,
+        stream: &TokenStream,
+        progress: &ProgressBar,
+        mut ckpt: Option<&mut Checkpointer>,
+    ) -> Result<NllLog> {
         let mut log = NllLog::default();
-        for (i, &token) in stream.fed.iter().enumerate() {
-            let hidden = self.step(token)?;
+        if let Some(state) = ckpt
+            .as_deref()
+            .map(|c| c.load(self.model.config().n_layer, self.model.device()))
+            .transpose()?
+            .flatten()
+        {
+            if let Some((cache, slot_token)) = state.kv {
+                (self.cache, self.slot_token) = (cache, slot_token);
+            }
+            self.fed = state.next as u64;
+            log = state.log;
+            progress.set_position(log.len() as u64);
+        }
+        for i in self.fed as usize..stream.len() {
+            let hidden = self.step(stream.fed[i])?;
             if let Some(target) = stream.targets[i] {
                 let nll = self.model.nll(&hidden, &[target.token])?;
                 log_targets(&mut log, &stream.targets[i..=i], &nll);
                 progress.inc(1);
+            }
+            if let Some(c) = ckpt.as_deref_mut().filter(|c| c.due()) {
+                c.save(i + 1, &log, Some((&self.cache, &self.slot_token)))?;
             }
         }
         Ok(log)

@@ -69,3 +69,32 @@ impl KvCache {
         ))
     }
 }
+
+impl KvCache {
+    /// Every layer's keys and values by name (`k.N`, `v.N`), for checkpoints.
+    pub fn named_tensors(&self) -> std::collections::HashMap<String, Tensor> {
+        let mut out = std::collections::HashMap::new();
+        for (i, (k, v)) in self.layers.iter().enumerate() {
+            out.insert(format!("k.{i}"), k.clone());
+            out.insert(format!("v.{i}"), v.clone());
+        }
+        out
+    }
+
+    /// The inverse of [`KvCache::named_tensors`].
+    pub fn from_named_tensors(
+        mut named: std::collections::HashMap<String, Tensor>,
+        n_layer: usize,
+    ) -> Result<Self> {
+        let mut take = |name: String| {
+            named
+                .remove(&name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor {name}")))
+        };
+        let layers: Vec<(Tensor, Tensor)> = (0..n_layer)
+            .map(|i| Ok((take(format!("k.{i}"))?, take(format!("v.{i}"))?)))
+            .collect::<Result<_>>()?;
+        let capacity = layers.first().map_or(Ok(0), |(k, _)| k.dim(1))?;
+        Ok(KvCache { layers, capacity })
+    }
+}

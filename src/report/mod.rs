@@ -175,6 +175,7 @@ pub(crate) mod tests {
                 tokenizers: "0.23".to_string(),
             },
             finished_at: "2025-01-01T00:00:00Z".to_string(),
+            fingerprint: String::new(),
         }
     }
 

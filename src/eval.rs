@@ -5,7 +5,7 @@ use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 
 use crate::corpus::Book;
-use crate::engine::run_strategy;
+use crate::engine::{EngineKind, run_strategy};
 use crate::model::Llama;
 use crate::nll_log::{BookMetrics, NllLog};
 use crate::strategy::Strategy;
@@ -52,7 +52,12 @@ pub struct EvalOptions {
     /// `--sink-text`: the sinks are copies of this text's token instead of the stream's first tokens.
     pub sink_text: Option<String>,
     pub max_tokens: Option<u64>,
+    /// Engine for dense, window and sink.
+    pub engine: EngineKind,
 }
+
+/// Block size of the block engine unless `--block-size` says otherwise.
+pub const DEFAULT_BLOCK_SIZE: usize = 64;
 
 impl EvalOptions {
     pub fn new(strategy: Strategy) -> Self {
@@ -61,6 +66,7 @@ impl EvalOptions {
             pos_shift: true,
             sink_text: None,
             max_tokens: None,
+            engine: EngineKind::Block(DEFAULT_BLOCK_SIZE),
         }
     }
 
@@ -156,6 +162,7 @@ pub fn stream_for(
 pub fn fingerprint(opts: &EvalOptions, model_sha256: &str, stream: &TokenStream) -> String {
     let mut h = Sha256::new();
     h.update(opts.run_name().as_bytes());
+    h.update(format!("{:?}", opts.engine).as_bytes());
     h.update(model_sha256.as_bytes());
     for (fed, target) in stream.fed.iter().zip(&stream.targets) {
         h.update(fed.to_le_bytes());
@@ -181,6 +188,7 @@ pub fn evaluate(
         model,
         opts.strategy,
         opts.pos_shift,
+        opts.engine,
         &stream,
         progress,
         None,

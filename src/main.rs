@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
+use streamppl::engine::EngineKind;
 use streamppl::eval::EvalOptions;
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::runner::{EvalJob, run_eval};
@@ -49,6 +50,12 @@ enum Command {
         no_pos_shift: bool,
         #[arg(long, default_value = "results/eval")]
         out: PathBuf,
+        /// `block` (B fed tokens per forward pass, exact masks) or `token` (one pass per token, the reference).
+        #[arg(long, value_enum, default_value = "block")]
+        engine: EngineArg,
+        /// Fed tokens per forward pass of the block engine.
+        #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
+        block_size: usize,
         /// Seconds between checkpoints; a killed run restarted with the same command resumes from the last one.
         #[arg(long, default_value_t = 60)]
         checkpoint_every: u64,
@@ -86,6 +93,12 @@ enum Command {
         #[command(subcommand)]
         command: CorpusCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EngineArg {
+    Block,
+    Token,
 }
 
 #[derive(Subcommand)]
@@ -129,7 +142,19 @@ fn run(cli: Cli) -> Result<()> {
             no_pos_shift,
             out,
             checkpoint_every,
+            engine,
+            block_size,
         } => {
+            if block_size == 0 {
+                anyhow::bail!(
+                    "--block-size 0: give at least 1 (the default is {})",
+                    streamppl::eval::DEFAULT_BLOCK_SIZE
+                );
+            }
+            let engine = match engine {
+                EngineArg::Block => EngineKind::Block(block_size),
+                EngineArg::Token => EngineKind::Token,
+            };
             let runs = strategies
                 .into_iter()
                 .map(|strategy| EvalOptions {
@@ -137,6 +162,7 @@ fn run(cli: Cli) -> Result<()> {
                     pos_shift: !no_pos_shift,
                     sink_text: sink_text.clone(),
                     max_tokens,
+                    engine,
                 })
                 .collect();
             run_eval(&EvalJob {

@@ -144,6 +144,7 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
             &lm.model,
             opts.strategy,
             opts.pos_shift,
+            opts.engine,
             &stream,
             &bar,
             Some(&mut ckpt),
@@ -154,7 +155,7 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
         let record = RunRecord {
             strategy: opts.strategy.to_string(),
             label: opts.label(),
-            engine: "token".into(),
+            engine: opts.engine.name(opts.strategy).into(),
             approximate: opts.strategy.is_approximate(),
             note: opts.strategy.is_approximate().then(|| {
                 format!(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::Device;
 use indicatif::ProgressBar;
-use streamppl::engine::run_strategy;
+use streamppl::engine::{EngineKind, run_strategy};
 use streamppl::model::Config;
 use streamppl::model::random::{random_llama, random_weights};
 use streamppl::strategy::Strategy;
@@ -39,7 +39,16 @@ fn books(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
 fn nlls(strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
     let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
     let s: Strategy = strategy.parse().unwrap();
-    let log = run_strategy(&model, s, pos_shift, stream, &ProgressBar::hidden(), None).unwrap();
+    let log = run_strategy(
+        &model,
+        s,
+        pos_shift,
+        EngineKind::Token,
+        stream,
+        &ProgressBar::hidden(),
+        None,
+    )
+    .unwrap();
     assert_eq!(
         log.len() as u64,
         stream.scored_count(),
@@ -344,7 +353,16 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
     let stream = TokenStream::new(&books(&[30, 25], 8), &[], None);
     for spec in ["sink:2+5", "dense", "recompute:6/3"] {
         let s: Strategy = spec.parse().unwrap();
-        let whole = run_strategy(&model, s, true, &stream, &ProgressBar::hidden(), None).unwrap();
+        let whole = run_strategy(
+            &model,
+            s,
+            true,
+            EngineKind::Token,
+            &stream,
+            &ProgressBar::hidden(),
+            None,
+        )
+        .unwrap();
         let dir = std::env::temp_dir().join(format!(
             "streamppl-ckpt-{}-{}",
             std::process::id(),
@@ -362,6 +380,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
             &model,
             s,
             true,
+            EngineKind::Token,
             &cut,
             &ProgressBar::hidden(),
             Some(&mut ckpt),
@@ -372,6 +391,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
             &model,
             s,
             true,
+            EngineKind::Token,
             &stream,
             &ProgressBar::hidden(),
             Some(&mut ckpt),
@@ -384,6 +404,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
             &model,
             s,
             true,
+            EngineKind::Token,
             &stream,
             &ProgressBar::hidden(),
             Some(&mut other),

@@ -4,6 +4,7 @@
 //! The token-by-token engine keeps a real KV cache of pre-RoPE keys and is the executable
 //! reference of the spec; `recompute` runs sliding windows from scratch.
 
+pub mod block;
 pub mod recompute;
 pub mod token;
 
@@ -16,6 +17,26 @@ use crate::nll_log::{NllLog, NllRecord};
 use crate::strategy::Strategy;
 use crate::stream::{Target, TokenStream};
 
+/// Which engine runs `dense`, `window` and `sink` (recompute always runs its own windows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// One forward pass per fed token: the executable reference.
+    Token,
+    /// One forward pass per block of this many fed tokens, with exact masks.
+    Block(usize),
+}
+
+impl EngineKind {
+    /// The engine's name in run records.
+    pub fn name(&self, strategy: Strategy) -> &'static str {
+        match (strategy, self) {
+            (Strategy::Recompute { .. }, _) => "windows",
+            (_, EngineKind::Token) => "token",
+            (_, EngineKind::Block(_)) => "block",
+        }
+    }
+}
+
 /// Runs `strategy` over `stream` with the engine that implements it.
 /// `pos_shift = false` is the `--no-pos-shift` ablation (window and sink only). With `ckpt`,
 /// the run resumes from its checkpoint and saves new ones as it goes.
@@ -23,6 +44,7 @@ pub fn run_strategy(
     model: &Llama,
     strategy: Strategy,
     pos_shift: bool,
+    engine: EngineKind,
     stream: &TokenStream,
     progress: &ProgressBar,
     ckpt: Option<&mut Checkpointer>,
@@ -31,7 +53,14 @@ pub fn run_strategy(
         Strategy::Recompute { window, stride } => {
             recompute::run(model, window, stride, stream, progress, ckpt)
         }
-        s => token::TokenEngine::new(model, s, pos_shift)?.run(stream, progress, ckpt),
+        s => match engine {
+            EngineKind::Token => {
+                token::TokenEngine::new(model, s, pos_shift)?.run(stream, progress, ckpt)
+            }
+            EngineKind::Block(b) => {
+                block::BlockEngine::new(model, s, pos_shift, b)?.run(stream, progress, ckpt)
+            }
+        },
     }
 }
 

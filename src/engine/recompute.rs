@@ -41,6 +41,7 @@ pub fn run(
             write_at: 0,
             k_pos: (0..len as u64).collect(),
             mask: Some(AttnPlan::causal_mask(len, model.device())?),
+            sinks: None,
         };
         let scored_from = start - first;
         let targets = &stream.targets[start..=end];

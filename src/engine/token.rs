@@ -93,6 +93,7 @@ impl<'m> TokenEngine<'m> {
                 .map(|&j| self.position(j, t))
                 .collect(),
             mask: None,
+            sinks: None,
         };
         self.warn_past_context(plan.q_pos[0]);
         let hidden = self.model.forward(&[token], &plan, &mut self.cache)?;

@@ -98,3 +98,21 @@ impl KvCache {
         Ok(KvCache { layers, capacity })
     }
 }
+
+impl KvCache {
+    /// Moves slots `from..from + len` to `to..to + len` in every layer (eviction in the block
+    /// engine: the W most recent keys slide down next to the sinks).
+    pub fn move_slots(&mut self, from: usize, to: usize, len: usize) -> Result<()> {
+        if from == to || len == 0 {
+            return Ok(());
+        }
+        for (k, v) in &self.layers {
+            for t in [k, v] {
+                // A copy first: source and destination may overlap.
+                let src = t.narrow(1, from, len)?.contiguous()?;
+                t.slice_set(&src, 1, to)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -60,6 +60,17 @@ pub struct AttnPlan {
     pub k_pos: Vec<u64>,
     /// Additive mask (T, k_pos.len()): 0 where visible, -inf where not. `None`: all visible.
     pub mask: Option<Tensor>,
+    /// Keys in slots `0..n_keys` scored with queries at other positions (the sinks, at a
+    /// constant distance once eviction starts; spec section 3). `None`: one rotation for all.
+    pub sinks: Option<SinkRotation>,
+}
+
+/// A second query rotation for the first `n_keys` key slots.
+#[derive(Debug, Clone)]
+pub struct SinkRotation {
+    pub n_keys: usize,
+    /// Position of each query when it scores the sink keys.
+    pub q_pos: Vec<u64>,
 }
 
 impl AttnPlan {
@@ -162,8 +173,12 @@ impl Llama {
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
         let t = tokens.len();
-        let (q_cos, q_sin) = self.rope.cos_sin(&plan.q_pos, &self.device)?;
-        let (k_cos, k_sin) = self.rope.cos_sin(&plan.k_pos, &self.device)?;
+        let q_rope = self.rope.cos_sin(&plan.q_pos, &self.device)?;
+        let k_rope = self.rope.cos_sin(&plan.k_pos, &self.device)?;
+        let sink_q_rope = match &plan.sinks {
+            Some(s) => Some(self.rope.cos_sin(&s.q_pos, &self.device)?),
+            None => None,
+        };
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?; // (T, d)
         for (layer, b) in self.blocks.iter().enumerate() {
@@ -174,8 +189,9 @@ impl Llama {
                 &h,
                 plan,
                 cache,
-                (&q_cos, &q_sin),
-                (&k_cos, &k_sin),
+                (&q_rope.0, &q_rope.1),
+                (&k_rope.0, &k_rope.1),
+                sink_q_rope.as_ref().map(|(c, s)| (c, s)),
             )?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, self.cfg.rms_eps as f32)?;
@@ -195,39 +211,77 @@ impl Llama {
         h: &Tensor,
         plan: &AttnPlan,
         cache: &mut KvCache,
-        (q_cos, q_sin): (&Tensor, &Tensor),
-        (k_cos, k_sin): (&Tensor, &Tensor),
+        q_rope: (&Tensor, &Tensor),
+        k_rope: (&Tensor, &Tensor),
+        sink_q_rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
-        let group = nh / nkv;
         let n_keys = plan.k_pos.len();
         // (T, heads*hd) -> (heads, T, hd)
         let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let q = heads(b.wq.forward(h)?, nh)?;
+        let q = heads(b.wq.forward(h)?, nh)?.unsqueeze(0)?;
         let k_new = heads(b.wk.forward(h)?, nkv)?;
         let v_new = heads(b.wv.forward(h)?, nkv)?;
         cache.write(layer, plan.write_at, &k_new, &v_new)?;
         let (k, v) = cache.read(layer, n_keys)?; // (nkv, n_keys, hd), pre-RoPE keys
-        let q = candle_nn::rotary_emb::rope_i(&q.unsqueeze(0)?, q_cos, q_sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k.unsqueeze(0)?, k_cos, k_sin)?.squeeze(0)?;
-        // Query heads j*group..(j+1)*group share KV head j: (nkv, group*T, hd).
-        let q = q.reshape((nkv, group * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (nkv, group*T, n_keys)
-        let scores = match &plan.mask {
-            Some(mask) => scores
-                .reshape((nkv, group, t, n_keys))?
-                .broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((nkv, group * t, n_keys))?)?;
-        let out = probs.matmul(&v)?; // (nkv, group*T, hd)
-        let out = out
-            .reshape((nh, t, hd))?
+        let rope =
+            |x: &Tensor, (cos, sin): (&Tensor, &Tensor)| candle_nn::rotary_emb::rope_i(x, cos, sin);
+        let k = rope(&k.unsqueeze(0)?, k_rope)?.squeeze(0)?;
+        let q_main = rope(&q, q_rope)?.squeeze(0)?; // (nh, T, hd)
+        let q_sink = sink_q_rope.map(|r| rope(&q, r)?.squeeze(0)).transpose()?;
+        let n_sink = plan.sinks.as_ref().map_or(0, |s| s.n_keys);
+        // Query tiles keep the (heads, tile, keys) scores near SCORE_BUDGET floats.
+        const SCORE_BUDGET: usize = 4 << 20;
+        let tile = (SCORE_BUDGET / (nh * n_keys.max(1))).clamp(1, t.max(1));
+        let mut outs = Vec::with_capacity(t.div_ceil(tile));
+        for start in (0..t).step_by(tile) {
+            let tq = tile.min(t - start);
+            let mask = plan
+                .mask
+                .as_ref()
+                .map(|m| m.narrow(0, start, tq))
+                .transpose()?;
+            let q_main = q_main.narrow(1, start, tq)?;
+            let scores = match &q_sink {
+                // Sinks are scored by the queries rotated to their sink positions, recent keys by
+                // the queries at their own positions; both go into ONE softmax.
+                Some(q_sink) if n_sink > 0 => Tensor::cat(
+                    &[
+                        self.scores(&q_sink.narrow(1, start, tq)?, &k.narrow(1, 0, n_sink)?)?,
+                        self.scores(&q_main, &k.narrow(1, n_sink, n_keys - n_sink)?)?,
+                    ],
+                    D::Minus1,
+                )?,
+                _ => self.scores(&q_main, &k)?,
+            }; // (nh, tq, n_keys)
+            let scores = match mask {
+                Some(mask) => scores.broadcast_add(&mask)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(self.grouped(&probs, |p| p.matmul(&v))?); // (nh, tq, hd)
+        }
+        let out = Tensor::cat(&outs, 1)?
             .transpose(0, 1)?
             .reshape((t, nh * hd))?;
         b.wo.forward(&out)
+    }
+
+    /// Scaled scores (nh, tq, n) of rotated queries (nh, tq, hd) against rotated keys (nkv, n, hd).
+    fn scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        self.grouped(q, |q| q.matmul(&k.t()?))? * scale
+    }
+
+    /// Applies `f` to (nkv, group*rows, cols) views of a (nh, rows, cols) tensor: query heads
+    /// j*group..(j+1)*group share KV head j, so they become one matmul per KV head.
+    fn grouped(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (nh, rows, cols) = x.dims3()?;
+        let nkv = self.cfg.n_kv_head;
+        let y = f(&x.contiguous()?.reshape((nkv, nh / nkv * rows, cols))?)?;
+        let last = y.dim(D::Minus1)?;
+        y.reshape((nh, rows, last))
     }
 
     /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary

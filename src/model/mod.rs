@@ -7,4 +7,4 @@ pub mod random;
 pub mod rope;
 
 pub use kv_cache::KvCache;
-pub use llama::{AttnPlan, Config, Llama};
+pub use llama::{AttnPlan, Config, Llama, SinkRotation};

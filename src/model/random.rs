@@ -37,7 +37,7 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f
     add(
         "token_embd.weight".into(),
         vec![cfg.vocab_size, d],
-        1.0,
+        0.5,
         0.0,
     );
     add("output_norm.weight".into(), vec![d], 0.2, 1.0);
@@ -51,13 +51,13 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f
         add(
             format!("{p}.attn_q.weight"),
             vec![cfg.n_head * hd, d],
-            2.0 * s(d),
+            1.5 * s(d),
             0.0,
         );
         add(
             format!("{p}.attn_k.weight"),
             vec![cfg.n_kv_head * hd, d],
-            2.0 * s(d),
+            1.5 * s(d),
             0.0,
         );
         add(

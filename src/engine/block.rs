@@ -1,0 +1,205 @@
+//! The block-parallel engine (spec section 3): B consecutive fed tokens in one forward pass,
+//! each query with an exact mask over the keys the strategy lets it see, recent keys at their
+//! true relative distance and sinks at the constant distance S+W-i once eviction has started.
+//! It gives the token engine's numbers at prefill speed.
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+use indicatif::ProgressBar;
+
+use crate::checkpoint::Checkpointer;
+use crate::model::{AttnPlan, KvCache, Llama, SinkRotation};
+use crate::nll_log::NllLog;
+use crate::strategy::Strategy;
+use crate::stream::TokenStream;
+
+use super::log_targets;
+
+pub struct BlockEngine<'m> {
+    model: &'m Llama,
+    /// `(S, W)`; `None` for dense.
+    budget: Option<(usize, usize)>,
+    pos_shift: bool,
+    block: usize,
+    cache: KvCache,
+    /// Fed index of the token in each occupied slot, ascending: sinks, then recent tokens.
+    held: Vec<u64>,
+    warned_context: bool,
+}
+
+impl<'m> BlockEngine<'m> {
+    pub fn new(
+        model: &'m Llama,
+        strategy: Strategy,
+        pos_shift: bool,
+        block: usize,
+    ) -> Result<Self> {
+        let budget = match strategy {
+            Strategy::Dense => None,
+            Strategy::Sink { sinks, window } => Some((sinks, window)),
+            Strategy::Recompute { .. } => bail!("{strategy} is not run by the block engine"),
+        };
+        if block == 0 {
+            bail!("--block-size must be at least 1");
+        }
+        let capacity = budget.map_or(4 * block, |(s, w)| s + w + block);
+        Ok(BlockEngine {
+            model,
+            budget,
+            pos_shift,
+            block,
+            cache: model.new_cache(capacity)?,
+            held: Vec::new(),
+            warned_context: false,
+        })
+    }
+
+    /// Whether key `j` is visible from query `t` (spec section 2).
+    fn visible(&self, t: u64, j: u64) -> bool {
+        match self.budget {
+            None => j <= t,
+            Some((s, w)) => j <= t && (j < s as u64 || t - j <= w as u64),
+        }
+    }
+
+    /// Feeds fed tokens `first..first + tokens.len()`; returns their hidden states (B, hidden).
+    fn feed(&mut self, first: u64, tokens: &[u32]) -> Result<Tensor> {
+        let n_new = tokens.len();
+        let write_at = self.held.len();
+        self.held.extend(first..first + n_new as u64);
+        if self.budget.is_none() {
+            self.cache.ensure_capacity(self.held.len())?;
+        }
+        let queries: Vec<u64> = (first..first + n_new as u64).collect();
+        let mask: Vec<f32> = queries
+            .iter()
+            .flat_map(|&t| self.held.iter().map(move |&j| (t, j)))
+            .map(|(t, j)| {
+                if self.visible(t, j) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n_new, self.held.len()), self.model.device())?;
+        let n_sink = match self.budget {
+            Some((s, _)) if self.pos_shift => {
+                self.held.iter().take_while(|&&j| j < s as u64).count()
+            }
+            _ => 0,
+        };
+        let plan = match (self.budget, self.pos_shift) {
+            // Recent keys and queries at positions relative to the oldest recent key (only
+            // differences matter, and small numbers keep f32 angles exact); the sinks seen from
+            // query t at distance min(t, S+W) - i: the true one before eviction starts, the
+            // constant S+W-i after.
+            (Some((s, w)), true) => {
+                // (A query that is itself a sink sees no recent key, so `first` bounds it too.)
+                let base = self.held.get(n_sink).map_or(first, |&j| j.min(first));
+                AttnPlan {
+                    q_pos: queries.iter().map(|&t| t - base).collect(),
+                    write_at,
+                    k_pos: self
+                        .held
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &j)| if i < n_sink { j } else { j - base })
+                        .collect(),
+                    mask: Some(mask),
+                    sinks: Some(SinkRotation {
+                        n_keys: n_sink,
+                        q_pos: queries.iter().map(|&t| t.min((s + w) as u64)).collect(),
+                    }),
+                }
+            }
+            // Dense and --no-pos-shift: every key at its stream position (f64-built tables).
+            _ => AttnPlan {
+                q_pos: queries.clone(),
+                write_at,
+                k_pos: self.held.clone(),
+                mask: Some(mask),
+                sinks: None,
+            },
+        };
+        self.warn_past_context(first + n_new as u64 - 1);
+        let hidden = self.model.forward(tokens, &plan, &mut self.cache)?;
+        self.evict()?;
+        Ok(hidden)
+    }
+
+    /// After a block, keeps the first S entries and the last W of the rest.
+    fn evict(&mut self) -> Result<()> {
+        let Some((s, w)) = self.budget else {
+            return Ok(());
+        };
+        let n_sink = self.held.iter().take_while(|&&j| j < s as u64).count();
+        let rest = self.held.len() - n_sink;
+        if rest > w {
+            self.cache.move_slots(n_sink + rest - w, n_sink, w)?;
+            self.held.drain(n_sink..n_sink + rest - w);
+        }
+        Ok(())
+    }
+
+    /// Warns once when the last query's position (as the token engine would give it) passes
+    /// the trained context.
+    fn warn_past_context(&mut self, t: u64) {
+        let ctx = self.model.config().context_length as u64;
+        let max = match self.budget {
+            Some((s, w)) if self.pos_shift => t.min((s + w) as u64),
+            _ => t,
+        };
+        if !self.warned_context && max >= ctx {
+            self.warned_context = true;
+            eprintln!(
+                "warning: position {max} is past the model's trained context ({ctx}); carrying on (this is the experiment)"
+            );
+        }
+    }
+
+    /// Feeds the whole stream block by block, scoring every fed token that has a target;
+    /// resumes from and saves to `ckpt` when given (at block boundaries).
+    pub fn run(
+        mut self,
+        stream: &TokenStream,
+        progress: &ProgressBar,
+        mut ckpt: Option<&mut Checkpointer>,
+    ) -> Result<NllLog> {
+        let mut log = NllLog::default();
+        let mut start = 0;
+        let resume = ckpt
+            .as_deref()
+            .map(|c| c.load(self.model.config().n_layer, self.model.device()));
+        if let Some(state) = resume.transpose()?.flatten() {
+            if let Some((cache, held)) = state.kv {
+                (self.cache, self.held) = (cache, held);
+            }
+            (start, log) = (state.next, state.log);
+            progress.set_position(log.len() as u64);
+        }
+        while start < stream.len() {
+            let end = (start + self.block).min(stream.len());
+            let hidden = self.feed(start as u64, &stream.fed[start..end])?;
+            let targets = &stream.targets[start..end];
+            let rows: Vec<u32> = (0..targets.len() as u32)
+                .filter(|&i| targets[i as usize].is_some())
+                .collect();
+            if !rows.is_empty() {
+                let ids: Vec<u32> = targets.iter().flatten().map(|t| t.token).collect();
+                let hidden = if rows.len() == targets.len() {
+                    hidden
+                } else {
+                    hidden.index_select(&Tensor::new(rows.as_slice(), self.model.device())?, 0)?
+                };
+                log_targets(&mut log, targets, &self.model.nll(&hidden, &ids)?);
+                progress.inc(rows.len() as u64);
+            }
+            start = end;
+            if let Some(c) = ckpt.as_deref_mut().filter(|c| c.due()) {
+                c.save(start, &log, Some((&self.cache, &self.held)))?;
+            }
+        }
+        Ok(log)
+    }
+}

@@ -37,6 +37,8 @@ pub struct Checkpointer {
     fingerprint: String,
     every: Duration,
     last: Instant,
+    /// Scored tokens restored by the last successful `load`.
+    resumed: std::cell::Cell<usize>,
 }
 
 impl Checkpointer {
@@ -46,6 +48,7 @@ impl Checkpointer {
             fingerprint,
             every,
             last: Instant::now(),
+            resumed: std::cell::Cell::new(0),
         }
     }
 
@@ -111,6 +114,11 @@ impl Checkpointer {
             log,
             kv,
         }))
+    }
+
+    /// How many scored tokens the last `load` restored (0 if none).
+    pub fn resumed_tokens(&self) -> usize {
+        self.resumed.get()
     }
 
     /// Removes the checkpoint once the run's final files are written.

@@ -54,10 +54,12 @@ pub struct EvalOptions {
     pub max_tokens: Option<u64>,
     /// Engine for dense, window and sink.
     pub engine: EngineKind,
+    /// `--score-every k`: score only stream positions 0, k, 2k, ... (a sample; `None` = all).
+    pub score_every: Option<u64>,
 }
 
 /// Block size of the block engine unless `--block-size` says otherwise.
-pub const DEFAULT_BLOCK_SIZE: usize = 64;
+pub const DEFAULT_BLOCK_SIZE: usize = 128;
 
 impl EvalOptions {
     pub fn new(strategy: Strategy) -> Self {
@@ -67,6 +69,7 @@ impl EvalOptions {
             sink_text: None,
             max_tokens: None,
             engine: EngineKind::Block(DEFAULT_BLOCK_SIZE),
+            score_every: None,
         }
     }
 
@@ -89,6 +92,9 @@ impl EvalOptions {
                 .collect();
             name.push_str(&format!("@sink-text={escaped}"));
         }
+        if let Some(k) = self.score_every {
+            name.push_str(&format!("@every-{k}"));
+        }
         name
     }
 
@@ -101,7 +107,16 @@ impl EvalOptions {
         if !self.pos_shift {
             label.push_str(", no pos shift");
         }
+        if let Some(k) = self.score_every {
+            label.push_str(&format!(" (sample 1/{k})"));
+        }
         label
+    }
+
+    /// Whether the numbers estimate rather than compute the strategy's PPL: the stride
+    /// approximation, or a `--score-every` sample.
+    pub fn is_approximate(&self) -> bool {
+        self.strategy.is_approximate() || self.score_every.is_some_and(|k| k > 1)
     }
 
     /// Checks the options against each other; the error names the fix.
@@ -116,6 +131,17 @@ impl EvalOptions {
         if !self.pos_shift && self.strategy.sink_window().is_none() {
             bail!(
                 "--no-pos-shift applies to window:W and sink:S+W only, not `{}`",
+                self.strategy
+            );
+        }
+        if self.score_every == Some(0) {
+            bail!("--score-every 0: give k >= 1 to score every k-th token");
+        }
+        if self.score_every.is_some()
+            && matches!(self.strategy, Strategy::Recompute { stride, .. } if stride > 1)
+        {
+            bail!(
+                "--score-every samples the exact recompute:W; it does not combine with the stride approximation `{}`",
                 self.strategy
             );
         }
@@ -150,7 +176,10 @@ pub fn stream_for(
     opts: &EvalOptions,
 ) -> Result<TokenStream> {
     opts.validate()?;
-    let stream = TokenStream::new(&corpus.ids, &opts.sink_prefix(tok)?, opts.max_tokens);
+    let mut stream = TokenStream::new(&corpus.ids, &opts.sink_prefix(tok)?, opts.max_tokens);
+    if let Some(k) = opts.score_every {
+        stream = stream.sample_every(k);
+    }
     if stream.scored_count() == 0 {
         bail!("the corpus has no token to score (every book is shorter than 2 tokens)");
     }
@@ -207,37 +236,67 @@ pub struct Metrics {
     pub word_perplexity: f64,
     pub byte_perplexity: f64,
     pub bits_per_byte: f64,
+    /// Standard error of the mean NLL (tokens taken as independent): the uncertainty of a
+    /// `--score-every` sample's PPL, exp(mean +/- 1.96 SE) for a 95% interval.
+    pub mean_nll_standard_error: f64,
     pub per_book: Vec<BookMetrics>,
 }
 
+fn standard_error(log: &NllLog) -> f64 {
+    let n = log.len() as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let mean = log.sum_nll() / n;
+    let var = log
+        .records
+        .iter()
+        .map(|r| (r.nll as f64 - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    (var / n).sqrt()
+}
+
 pub fn metrics(log: &NllLog, corpus: &TokenizedCorpus, tok: &TextTokenizer) -> Metrics {
-    let mut per_book: Vec<(u64, f64)> = vec![(0, 0.0); corpus.ids.len()];
+    // Stream position of each book's first fed token (books are fed in order, n-1 tokens each).
+    let mut book_start = Vec::with_capacity(corpus.ids.len());
+    let mut next = 0u64;
+    for ids in &corpus.ids {
+        book_start.push(next);
+        next += ids.len().saturating_sub(1) as u64;
+    }
+    // Per book: tokens scored, sum NLL, bytes of the scored tokens, last token index scored.
+    let mut per_book: Vec<(u64, f64, u64, usize)> = vec![(0, 0.0, 0, 0); corpus.ids.len()];
     for r in &log.records {
-        let e = &mut per_book[r.book as usize];
+        let b = r.book as usize;
+        let index = (r.position - book_start[b]) as usize + 1; // the scored token's index in its book
+        let e = &mut per_book[b];
         e.0 += 1;
         e.1 += r.nll as f64;
+        e.2 += tok.token_bytes(corpus.ids[b][index]);
+        e.3 = e.3.max(index);
     }
-    let (mut words, mut bytes) = (0u64, 0u64);
-    for (b, &(n, _)) in per_book.iter().enumerate() {
+    let (mut words, mut bytes) = (0f64, 0u64);
+    for (b, &(n, _, sampled_bytes, last)) in per_book.iter().enumerate() {
         if n == 0 {
             continue;
         }
-        // Scored tokens of a book are its tokens 1..=n; their text follows token 0's bytes.
+        // The text the scored tokens span: tokens 1..=last, after token 0's bytes. A sample
+        // (`--score-every`) counts the words of the span in proportion to the bytes it scored.
         let ids = &corpus.ids[b];
         let start = if tok.bos() == Some(ids[0]) {
             0
         } else {
             tok.token_bytes(ids[0]) as usize
         };
-        let len: u64 = ids[1..=n as usize]
-            .iter()
-            .map(|&id| tok.token_bytes(id))
-            .sum();
+        let span_bytes: u64 = ids[1..=last].iter().map(|&id| tok.token_bytes(id)).sum();
         let text = corpus.books[b].text.as_bytes();
-        let span = &text[start.min(text.len())..(start + len as usize).min(text.len())];
-        words += String::from_utf8_lossy(span).split_whitespace().count() as u64;
-        bytes += len;
+        let span = &text[start.min(text.len())..(start + span_bytes as usize).min(text.len())];
+        let span_words = String::from_utf8_lossy(span).split_whitespace().count() as f64;
+        words += span_words * sampled_bytes as f64 / span_bytes.max(1) as f64;
+        bytes += sampled_bytes;
     }
+    let words = words.round() as u64;
     let sum_nll = log.sum_nll();
     let tokens = log.len() as u64;
     Metrics {
@@ -249,11 +308,12 @@ pub fn metrics(log: &NllLog, corpus: &TokenizedCorpus, tok: &TextTokenizer) -> M
         word_perplexity: (sum_nll / words.max(1) as f64).exp(),
         byte_perplexity: (sum_nll / bytes.max(1) as f64).exp(),
         bits_per_byte: sum_nll / bytes.max(1) as f64 / std::f64::consts::LN_2,
+        mean_nll_standard_error: standard_error(log),
         per_book: per_book
             .iter()
             .enumerate()
-            .filter(|(_, (n, _))| *n > 0)
-            .map(|(b, &(n, s))| BookMetrics {
+            .filter(|(_, (n, ..))| *n > 0)
+            .map(|(b, &(n, s, ..))| BookMetrics {
                 book: b as u32,
                 title: corpus.books[b].title.clone(),
                 tokens_scored: n,

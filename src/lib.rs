@@ -5,6 +5,7 @@
 //! `corpus` (text / PG19 parquet) -> `tokenizer` -> `stream` (books into one fed/scored stream)
 //! -> `engine` (token-by-token, running `model` under a `strategy`) -> `nll_log` -> `report`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
 pub mod engine;

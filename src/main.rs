@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use streamppl::bench::{BenchSizes, run_bench};
 use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
 use streamppl::engine::EngineKind;
 use streamppl::eval::EvalOptions;
@@ -56,6 +57,9 @@ enum Command {
         /// Fed tokens per forward pass of the block engine.
         #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
+        /// Score only every k-th token (positions 0, k, 2k, ...): makes exact recompute:W affordable; reported as a sample with its 95% interval.
+        #[arg(long)]
+        score_every: Option<u64>,
         /// Seconds between checkpoints; a killed run restarted with the same command resumes from the last one.
         #[arg(long, default_value_t = 60)]
         checkpoint_every: u64,
@@ -74,6 +78,8 @@ enum Command {
         #[arg(long, default_value = "Running perplexity")]
         title: String,
     },
+    /// Compare two runs token by token: mean and max |delta NLL|.
+    Compare { a: PathBuf, b: PathBuf },
     /// Print the token ids (and pieces) of a text.
     Tokenize {
         #[arg(long)]
@@ -88,6 +94,23 @@ enum Command {
     },
     /// Print a model's architecture and tokenizer facts.
     Info { model: PathBuf },
+    /// Measure the engines' speed and memory; writes OUT/NAME.json and OUT/NAME.md.
+    Bench {
+        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value = "datasets/gutenberg-mini/test.parquet")]
+        corpus: Vec<PathBuf>,
+        /// Name of the result files.
+        #[arg(long, default_value = "latest")]
+        name: String,
+        #[arg(long, default_value = "results/bench")]
+        out: PathBuf,
+        #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
+        block_size: usize,
+        /// Small sizes: a smoke test of the bench itself, not figures to report.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Corpus tools.
     Corpus {
         #[command(subcommand)]
@@ -144,6 +167,7 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint_every,
             engine,
             block_size,
+            score_every,
         } => {
             if block_size == 0 {
                 anyhow::bail!(
@@ -163,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
                     sink_text: sink_text.clone(),
                     max_tokens,
                     engine,
+                    score_every,
                 })
                 .collect();
             run_eval(&EvalJob {
@@ -208,6 +233,29 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{id}\t{:?}", tok.id_to_token(id).unwrap_or_default());
                 }
             }
+        }
+        Command::Bench {
+            model,
+            corpus,
+            name,
+            out,
+            block_size,
+            quick,
+        } => {
+            let sizes = if quick {
+                BenchSizes::QUICK
+            } else {
+                BenchSizes::FULL
+            };
+            let report = run_bench(&model, &corpus, &name, &sizes, block_size, &out)?;
+            print!("{}", streamppl::bench::markdown(&report));
+        }
+        Command::Compare { a, b } => {
+            let d = streamppl::report::compare_runs(&a, &b)?;
+            println!(
+                "{} tokens: mean |dNLL| {:.3e}, max {:.3e} at position {}",
+                d.tokens, d.mean_abs, d.max_abs, d.max_at
+            );
         }
         Command::Info { model } => print!("{}", streamppl::runner::model_info(&model)?),
         Command::Corpus {

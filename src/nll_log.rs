@@ -161,8 +161,11 @@ pub struct RunRecord {
     pub strategy: String,
     /// Human-readable label for tables and plot legends, e.g. `StreamingLLM 4+252`.
     pub label: String,
-    /// `token` (token-by-token) or `block`.
+    /// `token` (token-by-token), `block` (block-parallel) or `windows` (recompute).
     pub engine: String,
+    /// Fed tokens per forward pass of the block engine.
+    #[serde(default)]
+    pub block_size: Option<usize>,
     /// True when the reported numbers are an approximation (e.g. `recompute:W/s` with s > 1).
     pub approximate: bool,
     /// Free-text qualification of the numbers, if any (e.g. the stride approximation).
@@ -181,9 +184,15 @@ pub struct RunRecord {
     pub word_perplexity: f64,
     pub byte_perplexity: f64,
     pub bits_per_byte: f64,
+    /// Standard error of the mean NLL; a `--score-every` sample's PPL is exp(mean +/- 1.96 SE).
+    #[serde(default)]
+    pub mean_nll_standard_error: f64,
     pub per_book: Vec<BookMetrics>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
+    /// Peak resident memory of the process during this run (Linux VmHWM, reset at the start).
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
     pub threads: usize,
     pub versions: Versions,
     /// UTC time the run finished, RFC 3339.

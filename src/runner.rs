@@ -12,11 +12,12 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpointer;
 use crate::corpus::{Book, load_corpora};
-use crate::engine::run_strategy;
+use crate::engine::{EngineKind, run_strategy};
 use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, stream_for};
 use crate::model::Llama;
 use crate::model::gguf::load_gguf;
 use crate::nll_log::{CorpusInfo, ModelInfo, RunRecord, Versions};
+use crate::strategy::Strategy;
 use crate::tokenizer::TextTokenizer;
 
 /// A loaded model with what run records say about it.
@@ -118,94 +119,148 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
     let device = Device::Cpu;
     let lm = load_model(&job.model, &device)?;
     let books = select_books(load_corpora(&job.corpus)?, job.books.as_deref())?;
-    let max_tokens = job.runs.iter().map(|o| o.max_tokens).max().flatten();
+    // Tokenize as far as the longest run needs (all books if any run wants the whole corpus).
+    let max_tokens = match job.runs.iter().any(|o| o.max_tokens.is_none()) {
+        true => None,
+        false => job.runs.iter().filter_map(|o| o.max_tokens).max(),
+    };
     let bar = progress_bar(books.len() as u64, "tokenizing", "books");
     let corpus = TokenizedCorpus::new(&lm.tokenizer, books, max_tokens, &bar)?;
     bar.finish_and_clear();
     let mut dirs = Vec::new();
     for opts in &job.runs {
         let dir = job.out.join(opts.run_name());
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
-        let stream = stream_for(&lm.tokenizer, &corpus, opts)?;
-        let fingerprint = fingerprint(opts, &lm.info.sha256, &stream);
-        if let Ok(done) = RunRecord::read_json(&dir.join("run.json"))
-            && done.fingerprint == fingerprint
-            && dir.join("nll.parquet").is_file()
-        {
-            eprintln!("{:<28} already done -> {}", opts.run_name(), dir.display());
-            dirs.push(dir);
-            continue;
-        }
-        let mut ckpt = Checkpointer::new(&dir, fingerprint.clone(), job.checkpoint_every);
-        let bar = progress_bar(stream.scored_count(), &opts.run_name(), "tok");
-        let started = Instant::now();
-        let log = run_strategy(
-            &lm.model,
-            opts.strategy,
-            opts.pos_shift,
-            opts.engine,
-            &stream,
-            &bar,
-            Some(&mut ckpt),
-        )?;
-        let wall = started.elapsed().as_secs_f64();
-        bar.finish_and_clear();
-        let m = metrics(&log, &corpus, &lm.tokenizer);
-        let record = RunRecord {
-            strategy: opts.strategy.to_string(),
-            label: opts.label(),
-            engine: opts.engine.name(opts.strategy).into(),
-            approximate: opts.strategy.is_approximate(),
-            note: opts.strategy.is_approximate().then(|| {
-                format!(
-                    "{}: stride approximation of re-computation, not the exact strategy",
-                    opts.strategy
-                )
-            }),
-            model: lm.info.clone(),
-            corpus: CorpusInfo {
-                path: job
-                    .corpus
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                books: corpus.books.len() as u32,
-                max_tokens: opts.max_tokens,
-            },
-            tokens_scored: m.tokens,
-            tokens_fed: m.tokens + opts.sink_prefix(&lm.tokenizer)?.len() as u64,
-            books_scored: m.per_book.len() as u32,
-            sum_nll: m.sum_nll,
-            ppl: m.ppl,
-            words: m.words,
-            bytes: m.bytes,
-            word_perplexity: m.word_perplexity,
-            byte_perplexity: m.byte_perplexity,
-            bits_per_byte: m.bits_per_byte,
-            per_book: m.per_book,
-            tokens_per_second: m.tokens as f64 / wall,
-            wall_seconds: wall,
-            threads: candle_core::utils::get_num_threads(),
-            versions: versions(),
-            finished_at: now_rfc3339(),
-            fingerprint,
-        };
-        log.write_parquet(&dir.join("nll.parquet"))?;
-        record.write_json(&dir.join("run.json"))?;
-        ckpt.clear()?;
-        eprintln!(
-            "{:<28} {:>7} tokens  ppl {:>10.3}  {:>7.1} tok/s  -> {}",
-            opts.run_name(),
-            m.tokens,
-            m.ppl,
-            record.tokens_per_second,
-            dir.display()
-        );
+        run_one(&lm, &corpus, &job.corpus, opts, &dir, job.checkpoint_every)?;
         dirs.push(dir);
     }
     Ok(dirs)
+}
+
+/// Runs one strategy into `dir` (`nll.parquet`, `run.json`), resuming from its checkpoint, or
+/// skipping it when `dir` already holds the finished run of the same configuration.
+pub fn run_one(
+    lm: &LoadedModel,
+    corpus: &TokenizedCorpus,
+    corpus_paths: &[PathBuf],
+    opts: &EvalOptions,
+    dir: &Path,
+    checkpoint_every: std::time::Duration,
+) -> Result<RunRecord> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
+    let stream = stream_for(&lm.tokenizer, corpus, opts)?;
+    let fingerprint = fingerprint(opts, &lm.info.sha256, &stream);
+    if let Ok(done) = RunRecord::read_json(&dir.join("run.json"))
+        && done.fingerprint == fingerprint
+        && dir.join("nll.parquet").is_file()
+    {
+        eprintln!("{:<28} already done -> {}", opts.run_name(), dir.display());
+        return Ok(done);
+    }
+    let mut ckpt = Checkpointer::new(dir, fingerprint.clone(), checkpoint_every);
+    let bar = progress_bar(stream.scored_count(), &opts.run_name(), "tok");
+    reset_peak_rss();
+    let started = Instant::now();
+    let log = run_strategy(
+        &lm.model,
+        opts.strategy,
+        opts.pos_shift,
+        opts.engine,
+        &stream,
+        &bar,
+        Some(&mut ckpt),
+    )?;
+    let wall = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let m = metrics(&log, corpus, &lm.tokenizer);
+    // Throughput of this process only: tokens restored from a checkpoint took no time here.
+    let scored_here = m.tokens - ckpt.resumed_tokens() as u64;
+    let record = RunRecord {
+        strategy: opts.strategy.to_string(),
+        label: opts.label(),
+        engine: opts.engine.name(opts.strategy).into(),
+        block_size: match (opts.engine, opts.strategy) {
+            (_, Strategy::Recompute { .. }) | (EngineKind::Token, _) => None,
+            (EngineKind::Block(b), _) => Some(b),
+        },
+        approximate: opts.is_approximate(),
+        note: approximation_note(opts, &m),
+        model: lm.info.clone(),
+        corpus: CorpusInfo {
+            path: corpus_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            books: corpus.books.len() as u32,
+            max_tokens: opts.max_tokens,
+        },
+        tokens_scored: m.tokens,
+        tokens_fed: stream.len() as u64,
+        books_scored: m.per_book.len() as u32,
+        sum_nll: m.sum_nll,
+        ppl: m.ppl,
+        words: m.words,
+        bytes: m.bytes,
+        word_perplexity: m.word_perplexity,
+        byte_perplexity: m.byte_perplexity,
+        bits_per_byte: m.bits_per_byte,
+        mean_nll_standard_error: m.mean_nll_standard_error,
+        per_book: m.per_book,
+        tokens_per_second: scored_here as f64 / wall,
+        wall_seconds: wall,
+        peak_rss_bytes: peak_rss_bytes(),
+        threads: candle_core::utils::get_num_threads(),
+        versions: versions(),
+        finished_at: now_rfc3339(),
+        fingerprint,
+    };
+    log.write_parquet(&dir.join("nll.parquet"))?;
+    record.write_json(&dir.join("run.json"))?;
+    ckpt.clear()?;
+    eprintln!(
+        "{:<28} {:>7} tokens  ppl {:>10.3}  {:>7.1} tok/s  -> {}",
+        opts.run_name(),
+        m.tokens,
+        m.ppl,
+        record.tokens_per_second,
+        dir.display()
+    );
+    Ok(record)
+}
+
+/// What a reader must know about numbers that estimate rather than compute the strategy.
+fn approximation_note(opts: &EvalOptions, m: &crate::eval::Metrics) -> Option<String> {
+    if opts.strategy.is_approximate() {
+        return Some(format!(
+            "{}: stride approximation of re-computation, not the exact strategy",
+            opts.strategy
+        ));
+    }
+    let k = opts.score_every.filter(|&k| k > 1)?;
+    let mean = m.sum_nll / m.tokens.max(1) as f64;
+    let ci = |z: f64| (mean + z * m.mean_nll_standard_error).exp();
+    Some(format!(
+        "{}: a sample, every {k}th token scored exactly ({} tokens); PPL {:.3}, 95% interval [{:.3}, {:.3}]",
+        opts.strategy,
+        m.tokens,
+        m.ppl,
+        ci(-1.96),
+        ci(1.96)
+    ))
+}
+
+/// Resets the kernel's peak-RSS counter (VmHWM) of this process, so each run reports its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size of this process since the last reset (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 pub fn versions() -> Versions {
@@ -217,7 +272,7 @@ pub fn versions() -> Versions {
 }
 
 /// UTC now as RFC 3339, without a date-time dependency.
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -53,6 +53,17 @@ impl TokenStream {
         s
     }
 
+    /// Keeps only the targets at positions 0, k, 2k, ...: every fed token is still fed, but
+    /// only a systematic 1-in-k sample is scored (`--score-every k`).
+    pub fn sample_every(mut self, k: u64) -> Self {
+        for t in self.targets.iter_mut() {
+            if t.is_some_and(|t| t.position % k != 0) {
+                *t = None;
+            }
+        }
+        self
+    }
+
     pub fn len(&self) -> usize {
         self.fed.len()
     }
@@ -81,6 +92,14 @@ mod tests {
             .map(|t| (t.token, t.book, t.position))
             .collect();
         assert_eq!(scored, vec![(2, 0, 0), (3, 0, 1), (6, 2, 2)]);
+    }
+
+    #[test]
+    fn sampling_keeps_every_kth_target_and_feeds_everything() {
+        let s = TokenStream::new(&[vec![1, 2, 3, 4, 5, 6, 7]], &[], None).sample_every(3);
+        assert_eq!(s.fed.len(), 6);
+        let kept: Vec<u64> = s.targets.iter().flatten().map(|t| t.position).collect();
+        assert_eq!(kept, vec![0, 3]);
     }
 
     #[test]

@@ -196,3 +196,87 @@ fn eval_table_and_plot_run_end_to_end() {
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
     assert!(png.with_extension("svg").is_file());
 }
+
+#[test]
+fn a_score_every_sample_is_labelled_as_such() {
+    let Some(model) = real_model() else { return };
+    let corpus = text_corpus();
+    let out_dir = tmp("sample");
+    let out = streamppl(&[
+        "eval",
+        "--model",
+        &model,
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--strategy",
+        "recompute:4",
+        "--score-every",
+        "3",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = out_dir.join("recompute:4@every-3");
+    let record = streamppl::nll_log::RunRecord::read_json(&run.join("run.json")).unwrap();
+    assert!(
+        record.approximate && record.label.contains("sample 1/3"),
+        "{}",
+        record.label
+    );
+    assert!(
+        record
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("95% interval")
+    );
+    let log = streamppl::nll_log::NllLog::read_parquet(&run.join("nll.parquet")).unwrap();
+    assert!(log.records.iter().all(|r| r.position % 3 == 0));
+    let table = streamppl(&["table", run.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("sample 1/3"));
+}
+
+#[test]
+fn the_quick_bench_writes_its_report() {
+    let Some(model) = real_model() else { return };
+    let corpus =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/gutenberg-mini/test.parquet");
+    let out_dir = tmp("bench");
+    let out = streamppl(&[
+        "bench",
+        "--quick",
+        "--model",
+        &model,
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--name",
+        "smoke",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("smoke.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["measurements"].as_array().unwrap().len(), 5);
+    assert!(report["block_speedup"].as_f64().unwrap() > 1.0);
+    assert!(
+        report["measurements"][4]["peak_rss_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        std::fs::read_to_string(out_dir.join("smoke.md"))
+            .unwrap()
+            .contains("tokens/s")
+    );
+}

@@ -59,6 +59,54 @@ fn dense_ppl_of_the_first_2048_tokens_of_paradise_lost_is_the_reference() {
 }
 
 #[test]
+fn block_and_token_engines_agree_on_the_first_3000_tokens() {
+    use streamppl::engine::EngineKind;
+    let Some((model, corpus)) = defaults() else {
+        return;
+    };
+    let lm = load_model(&model, &candle_core::Device::Cpu).unwrap();
+    let books = load_corpus(&corpus).unwrap();
+    let corpus =
+        TokenizedCorpus::new(&lm.tokenizer, books, Some(3000), &ProgressBar::hidden()).unwrap();
+    for strategy in ["sink:4+252", "window:256", "dense"] {
+        let mut opts = EvalOptions::new(strategy.parse().unwrap());
+        opts.max_tokens = Some(3000);
+        let run = |engine| {
+            let opts = EvalOptions {
+                engine,
+                ..opts.clone()
+            };
+            evaluate(
+                &lm.model,
+                &lm.tokenizer,
+                &corpus,
+                &opts,
+                &ProgressBar::hidden(),
+            )
+            .unwrap()
+        };
+        let token = run(EngineKind::Token);
+        let block = run(EngineKind::Block(streamppl::eval::DEFAULT_BLOCK_SIZE));
+        assert_eq!(token.len(), 3000);
+        let deltas: Vec<f64> = token
+            .records
+            .iter()
+            .zip(&block.records)
+            .map(|(a, b)| (a.nll as f64 - b.nll as f64).abs())
+            .collect();
+        let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
+        let max = deltas.iter().cloned().fold(0.0, f64::max);
+        eprintln!(
+            "{strategy}: token vs block over 3000 tokens: mean |dNLL| {mean:.2e}, max {max:.2e}"
+        );
+        assert!(
+            mean <= 1e-4 && max <= 1e-3,
+            "{strategy}: mean {mean:e}, max {max:e}"
+        );
+    }
+}
+
+#[test]
 fn tokenizer_round_trips_every_book_byte_for_byte() {
     let Some((model, corpus)) = defaults() else {
         return;

@@ -414,3 +414,20 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[test]
+fn score_every_samples_exact_recompute_nlls() {
+    let stream = TokenStream::new(&books(&[30, 12], 9), &[], None);
+    let exact = nlls("recompute:8", true, &stream);
+    // k = 1 is the exact run itself.
+    assert_close(
+        &nlls("recompute:8", true, &stream.clone().sample_every(1)),
+        &exact,
+        0.0,
+        "every 1",
+    );
+    // k = 5 scores positions 0, 5, 10, ... with exactly the exact run's numbers.
+    let sampled = nlls("recompute:8", true, &stream.clone().sample_every(5));
+    let want: Vec<f32> = exact.iter().step_by(5).copied().collect();
+    assert_close(&sampled, &want, 0.0, "every 5");
+}

@@ -45,11 +45,13 @@ pub fn run(
         };
         let scored_from = start - first;
         let targets = &stream.targets[start..=end];
-        let hidden = model.forward(&stream.fed[first..=end], &plan, &mut cache)?;
         let rows: Vec<usize> = (0..targets.len())
             .filter(|&i| targets[i].is_some())
             .collect();
+        // A window with nothing to score (sink-text tokens, or a `--score-every` sample that
+        // skips it) is not computed at all.
         if !rows.is_empty() {
+            let hidden = model.forward(&stream.fed[first..=end], &plan, &mut cache)?;
             let idx = candle_core::Tensor::new(
                 rows.iter()
                     .map(|&i| (scored_from + i) as u32)

@@ -86,13 +86,12 @@ impl AttnPlan {
 #[derive(Debug)]
 struct Block {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V projections in one matrix: one matmul instead of three.
+    wqkv: Linear,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// Gate and up projections in one matrix.
+    w_gate_up: Linear,
     w_down: Linear,
 }
 
@@ -105,6 +104,12 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     device: Device,
+}
+
+/// One linear layer computing the given ones side by side (their outputs concatenated).
+fn stacked(parts: &[Linear]) -> Result<Linear> {
+    let weights: Vec<Tensor> = parts.iter().map(|l| l.weight().clone()).collect();
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, None))
 }
 
 fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
@@ -128,13 +133,17 @@ impl Llama {
                 let p = format!("blk.{i}");
                 Ok(Block {
                     attn_norm: vb.get(d, &format!("{p}.attn_norm.weight"))?,
-                    wq: linear(&vb, &format!("{p}.attn_q"), cfg.n_head * hd, d)?,
-                    wk: linear(&vb, &format!("{p}.attn_k"), cfg.n_kv_head * hd, d)?,
-                    wv: linear(&vb, &format!("{p}.attn_v"), cfg.n_kv_head * hd, d)?,
+                    wqkv: stacked(&[
+                        linear(&vb, &format!("{p}.attn_q"), cfg.n_head * hd, d)?,
+                        linear(&vb, &format!("{p}.attn_k"), cfg.n_kv_head * hd, d)?,
+                        linear(&vb, &format!("{p}.attn_v"), cfg.n_kv_head * hd, d)?,
+                    ])?,
                     wo: linear(&vb, &format!("{p}.attn_output"), d, cfg.n_head * hd)?,
                     ffn_norm: vb.get(d, &format!("{p}.ffn_norm.weight"))?,
-                    w_gate: linear(&vb, &format!("{p}.ffn_gate"), cfg.intermediate_size, d)?,
-                    w_up: linear(&vb, &format!("{p}.ffn_up"), cfg.intermediate_size, d)?,
+                    w_gate_up: stacked(&[
+                        linear(&vb, &format!("{p}.ffn_gate"), cfg.intermediate_size, d)?,
+                        linear(&vb, &format!("{p}.ffn_up"), cfg.intermediate_size, d)?,
+                    ])?,
                     w_down: linear(&vb, &format!("{p}.ffn_down"), d, cfg.intermediate_size)?,
                 })
             })
@@ -195,8 +204,10 @@ impl Llama {
             )?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, self.cfg.rms_eps as f32)?;
-            let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
-            let mlp = b.w_down.forward(&(gate * b.w_up.forward(&h)?)?)?;
+            let f = self.cfg.intermediate_size;
+            let gate_up = b.w_gate_up.forward(&h)?; // (T, 2 * ffn)
+            let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, f)?)?;
+            let mlp = b.w_down.forward(&(gate * gate_up.narrow(1, f, f)?)?)?;
             x = (x + mlp)?;
         }
         debug_assert_eq!(x.dim(0)?, t);
@@ -220,9 +231,12 @@ impl Llama {
         let n_keys = plan.k_pos.len();
         // (T, heads*hd) -> (heads, T, hd)
         let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let q = heads(b.wq.forward(h)?, nh)?.unsqueeze(0)?;
-        let k_new = heads(b.wk.forward(h)?, nkv)?;
-        let v_new = heads(b.wv.forward(h)?, nkv)?;
+        let qkv = b.wqkv.forward(h)?; // (T, (nh + 2 nkv) * hd)
+        // The softmax scale goes on the queries: (T, nh*hd) values instead of (nh, T, keys).
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = heads((qkv.narrow(1, 0, nh * hd)? * scale)?, nh)?.unsqueeze(0)?;
+        let k_new = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
+        let v_new = heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
         cache.write(layer, plan.write_at, &k_new, &v_new)?;
         let (k, v) = cache.read(layer, n_keys)?; // (nkv, n_keys, hd), pre-RoPE keys
         let rope =
@@ -268,10 +282,9 @@ impl Llama {
         b.wo.forward(&out)
     }
 
-    /// Scaled scores (nh, tq, n) of rotated queries (nh, tq, hd) against rotated keys (nkv, n, hd).
+    /// Scores (nh, tq, n) of rotated, pre-scaled queries (nh, tq, hd) against rotated keys (nkv, n, hd).
     fn scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
-        self.grouped(q, |q| q.matmul(&k.t()?))? * scale
+        self.grouped(q, |q| q.matmul(&k.t()?))
     }
 
     /// Applies `f` to (nkv, group*rows, cols) views of a (nh, rows, cols) tensor: query heads

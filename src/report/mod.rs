@@ -8,6 +8,7 @@
 //! plot_running_ppl(&runs, "runs/pg19/running_ppl.png".as_ref(), "PG19, Llama").unwrap();
 //! ```
 
+mod compare;
 mod plot;
 mod table;
 
@@ -17,6 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::nll_log::RunRecord;
 
+pub use compare::{NllDiff, compare_logs, compare_runs};
 pub use plot::plot_running_ppl;
 pub use table::markdown_table;
 
@@ -137,6 +139,7 @@ pub(crate) mod tests {
             strategy: strategy.to_string(),
             label: label.to_string(),
             engine: "token".to_string(),
+            block_size: None,
             approximate,
             note: approximate.then(|| "stride 64: tokens share a recomputed cache".to_string()),
             model: ModelInfo {
@@ -160,6 +163,7 @@ pub(crate) mod tests {
             word_perplexity: log.ppl() * 1.5,
             byte_perplexity: log.ppl().powf(0.25),
             bits_per_byte: log.ppl().log2() / 4.0,
+            mean_nll_standard_error: 0.01,
             per_book: vec![BookMetrics {
                 book: 0,
                 title: "Book".to_string(),
@@ -168,6 +172,7 @@ pub(crate) mod tests {
             }],
             tokens_per_second: 123.45,
             wall_seconds: tokens as f64 / 123.45,
+            peak_rss_bytes: Some(600 << 20),
             threads: 8,
             versions: Versions {
                 streamppl: "0.1.0".to_string(),

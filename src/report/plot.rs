@@ -101,7 +101,12 @@ fn load_series(run: &Run) -> Result<Series> {
     Ok(Series {
         label,
         approximate: run.record.approximate,
-        points: downsample(&log.running_ppl(), MAX_POINTS),
+        // x is the stream position (1-based), so a sampled run (every k-th token scored) sits
+        // on the same axis as a full one.
+        points: downsample(&log.running_ppl(), MAX_POINTS)
+            .into_iter()
+            .map(|(i, y)| ((log.records[i as usize - 1].position + 1) as f64, y))
+            .collect(),
     })
 }
 

@@ -1,0 +1,273 @@
+//! `streamppl bench`: the speed and memory figures of the engines on one model and corpus, in
+//! one run, written as `results/bench/<name>.json` and `.md` with the machine they ran on.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::load_corpora;
+use crate::engine::EngineKind;
+use crate::eval::{EvalOptions, TokenizedCorpus};
+use crate::nll_log::Versions;
+use crate::runner::{LoadedModel, load_model, progress_bar, run_one, versions};
+
+/// Token counts of each measurement.
+#[derive(Debug, Clone)]
+pub struct BenchSizes {
+    /// `sink:4+1020`, token engine vs block engine.
+    pub engines: u64,
+    /// Dense prefill (block engine, one block of this many tokens).
+    pub dense_prefill: u64,
+    /// `sink:4+1020` on the block engine, short and long: memory must stay flat.
+    pub flat_memory: [u64; 2],
+}
+
+impl BenchSizes {
+    pub const FULL: BenchSizes = BenchSizes {
+        engines: 8192,
+        dense_prefill: 2048,
+        flat_memory: [16_384, 131_072],
+    };
+    /// A smoke test: minutes, not hours.
+    pub const QUICK: BenchSizes = BenchSizes {
+        engines: 256,
+        dense_prefill: 256,
+        flat_memory: [512, 2048],
+    };
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurement {
+    pub name: String,
+    pub strategy: String,
+    pub engine: String,
+    pub block_size: Option<usize>,
+    pub tokens: u64,
+    pub tokens_per_second: f64,
+    pub wall_seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub ppl: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub name: String,
+    pub machine: Machine,
+    pub threads: usize,
+    /// Each figure is one run (the runs are long; their own progress is steady after warm-up).
+    pub runs_per_figure: u32,
+    pub model: String,
+    pub corpus: String,
+    pub measurements: Vec<Measurement>,
+    /// Block-engine over token-engine tokens/s for `sink:4+1020`.
+    pub block_speedup: f64,
+    /// Peak RSS of the long flat-memory run over the short one.
+    pub rss_ratio_long_over_short: Option<f64>,
+    pub versions: Versions,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    /// 1-minute load average when the bench started (an idle machine reads near 0).
+    pub load_average_at_start: f64,
+}
+
+fn machine() -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let mem_kb: f64 = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        memory_gib: mem_kb / (1024.0 * 1024.0),
+        load_average_at_start: read("/proc/loadavg")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0),
+    }
+}
+
+/// Runs every measurement; writes `out_dir/<name>.json` and `out_dir/<name>.md`.
+pub fn run_bench(
+    model: &Path,
+    corpus: &[PathBuf],
+    name: &str,
+    sizes: &BenchSizes,
+    block_size: usize,
+    out_dir: &Path,
+) -> Result<BenchReport> {
+    let machine = machine();
+    let lm = load_model(model, &candle_core::Device::Cpu)?;
+    let longest = sizes.flat_memory[1].max(sizes.engines);
+    let books = load_corpora(corpus)?;
+    let bar = progress_bar(books.len() as u64, "tokenizing", "books");
+    let tokenized = TokenizedCorpus::new(&lm.tokenizer, books, Some(longest), &bar)?;
+    bar.finish_and_clear();
+    let scratch = out_dir.join("runs").join(name);
+    let block = EngineKind::Block(block_size);
+    let plan: Vec<(&str, &str, EngineKind, u64)> = vec![
+        (
+            "token engine",
+            "sink:4+1020",
+            EngineKind::Token,
+            sizes.engines,
+        ),
+        ("block engine", "sink:4+1020", block, sizes.engines),
+        (
+            "dense prefill",
+            "dense",
+            EngineKind::Block(sizes.dense_prefill as usize),
+            sizes.dense_prefill,
+        ),
+        (
+            "flat memory, short",
+            "sink:4+1020",
+            block,
+            sizes.flat_memory[0],
+        ),
+        (
+            "flat memory, long",
+            "sink:4+1020",
+            block,
+            sizes.flat_memory[1],
+        ),
+    ];
+    let mut measurements = Vec::new();
+    for (what, strategy, engine, tokens) in plan {
+        measurements.push(measure(
+            &lm, &tokenized, corpus, what, strategy, engine, tokens, &scratch,
+        )?);
+    }
+    let tps = |what: &str| {
+        measurements
+            .iter()
+            .find(|m| m.name == what)
+            .map_or(f64::NAN, |m| m.tokens_per_second)
+    };
+    let rss = |what: &str| {
+        measurements
+            .iter()
+            .find(|m| m.name == what)
+            .and_then(|m| m.peak_rss_bytes)
+    };
+    let report = BenchReport {
+        name: name.to_string(),
+        machine,
+        threads: candle_core::utils::get_num_threads(),
+        runs_per_figure: 1,
+        model: lm.info.path.clone(),
+        corpus: corpus
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        block_speedup: tps("block engine") / tps("token engine"),
+        rss_ratio_long_over_short: rss("flat memory, long")
+            .zip(rss("flat memory, short"))
+            .map(|(l, s)| l as f64 / s as f64),
+        measurements,
+        versions: versions(),
+        finished_at: crate::runner::now_rfc3339(),
+    };
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("{}: cannot create", out_dir.display()))?;
+    std::fs::write(
+        out_dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    std::fs::write(out_dir.join(format!("{name}.md")), markdown(&report))?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    lm: &LoadedModel,
+    corpus: &TokenizedCorpus,
+    corpus_paths: &[PathBuf],
+    what: &str,
+    strategy: &str,
+    engine: EngineKind,
+    tokens: u64,
+    scratch: &Path,
+) -> Result<Measurement> {
+    let mut opts = EvalOptions::new(strategy.parse()?);
+    opts.engine = engine;
+    opts.max_tokens = Some(tokens);
+    let dir = scratch.join(what.replace([' ', ','], "_"));
+    // A fresh run every time: a bench never reuses a finished run.
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = run_one(
+        lm,
+        corpus,
+        corpus_paths,
+        &opts,
+        &dir,
+        Duration::from_secs(u64::MAX / 4),
+    )?;
+    Ok(Measurement {
+        name: what.to_string(),
+        strategy: r.strategy,
+        engine: r.engine,
+        block_size: r.block_size,
+        tokens: r.tokens_scored,
+        tokens_per_second: r.tokens_per_second,
+        wall_seconds: r.wall_seconds,
+        peak_rss_bytes: r.peak_rss_bytes,
+        ppl: r.ppl,
+    })
+}
+
+/// The report as a short markdown table.
+pub fn markdown(r: &BenchReport) -> String {
+    let mut s = format!(
+        "Bench `{}`: {} ({} cores, {:.0} GiB), {} threads, load average {:.2} at start, one run per figure, {}.\n\n\
+         | measurement | strategy | engine | tokens | tokens/s | peak RSS (MiB) | PPL |\n|---|---|---|---:|---:|---:|---:|\n",
+        r.name,
+        r.machine.cpu,
+        r.machine.cores,
+        r.machine.memory_gib,
+        r.threads,
+        r.machine.load_average_at_start,
+        r.finished_at
+    );
+    for m in &r.measurements {
+        let engine = match m.block_size {
+            Some(b) => format!("{} (B={b})", m.engine),
+            None => m.engine.clone(),
+        };
+        let rss = m.peak_rss_bytes.map_or("-".into(), |b| {
+            format!("{:.0}", b as f64 / (1 << 20) as f64)
+        });
+        s += &format!(
+            "| {} | `{}` | {} | {} | {:.1} | {} | {:.3} |\n",
+            m.name, m.strategy, engine, m.tokens, m.tokens_per_second, rss, m.ppl
+        );
+    }
+    s += &format!(
+        "\nBlock engine speed-up over the token engine: {:.1}x.",
+        r.block_speedup
+    );
+    if let Some(ratio) = r.rss_ratio_long_over_short {
+        s += &format!(" Peak RSS, long run over short run: {ratio:.3}.");
+    }
+    s + "\n"
+}

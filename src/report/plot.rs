@@ -156,7 +156,20 @@ impl<'a> Figure<'a> {
             .filter_map(|s| s.points.last())
             .map(|p| p.0)
             .fold(10.0, f64::max);
-        let y_range = y_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+        // The first tokens of a stream have a huge running PPL (little context, few samples);
+        // letting them set the y-range would flatten every difference that matters. Lines
+        // start off the top of the chart instead.
+        let warm_up = (x_max * 0.02).min(256.0);
+        let settled: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|p| p.0 >= warm_up)
+            .map(|p| p.1)
+            .collect();
+        let y_range = match settled.is_empty() {
+            false => y_range(settled.into_iter()),
+            true => y_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1))),
+        };
         let mut trained_contexts: Vec<f64> = runs
             .iter()
             .map(|r| r.record.model.trained_context as f64)
@@ -309,6 +322,24 @@ where
     Ok(())
 }
 
+/// Characters per legend line at the legend's font size and width.
+const LEGEND_CHARS: usize = 24;
+
+/// Splits `text` on spaces into lines of at most `width` characters (a longer word stays whole).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split(' ') {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
+}
+
 /// One row per run: a stroke sample in the run's colour and dash, then its label.
 fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, series: &[Series]) -> Result<()>
 where
@@ -321,8 +352,8 @@ where
         .into_font()
         .into_text_style(area)
         .pos(Pos::new(HPos::Left, VPos::Center));
+    let mut y = TOP;
     for (i, s) in series.iter().enumerate() {
-        let y = TOP + ROW * i as i32;
         let style = PALETTE[i % PALETTE.len()].stroke_width(3);
         let sample = [(8, y), (8 + SAMPLE, y)];
         if s.approximate {
@@ -330,11 +361,16 @@ where
         } else {
             area.draw(&PathElement::new(sample, style))?;
         }
-        area.draw(&Text::new(
-            s.label.as_str(),
-            (SAMPLE + 16, y),
-            text_style.clone(),
-        ))?;
+        // Long labels wrap so the legend never cuts them off.
+        for (l, line) in wrap(&s.label, LEGEND_CHARS).iter().enumerate() {
+            let line_y = y + l as i32 * (ROW - 8);
+            area.draw(&Text::new(
+                line.as_str(),
+                (SAMPLE + 16, line_y),
+                text_style.clone(),
+            ))?;
+        }
+        y += ROW + (wrap(&s.label, LEGEND_CHARS).len() as i32 - 1) * (ROW - 8);
     }
     Ok(())
 }
@@ -403,6 +439,15 @@ mod tests {
     fn downsample_drops_unplottable_values() {
         let kept = downsample(&[2.0, f64::NAN, f64::INFINITY, 3.0], 10);
         assert_eq!(kept, [(1.0, 2.0), (4.0, 3.0)]);
+    }
+
+    #[test]
+    fn legend_labels_wrap_on_spaces() {
+        assert_eq!(
+            wrap("Sliding window w/ re-computation 256", 24),
+            ["Sliding window w/", "re-computation 256"]
+        );
+        assert_eq!(wrap("Dense", 24), ["Dense"]);
     }
 
     #[test]

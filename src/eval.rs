@@ -73,9 +73,10 @@ impl EvalOptions {
         }
     }
 
-    /// A name unique to the options, safe as a directory name: the strategy spec plus variants.
+    /// A name unique to the options, safe as a directory name: the strategy spec (with `/`
+    /// written `_`, e.g. `recompute:256_64`) plus variants.
     pub fn run_name(&self) -> String {
-        let mut name = self.strategy.to_string();
+        let mut name = self.strategy.to_string().replace('/', "_");
         if !self.pos_shift {
             name.push_str("@no-pos-shift");
         }

@@ -61,11 +61,6 @@ impl Strategy {
             }
         }
     }
-
-    /// A directory-safe name (`sink:4+252` -> `sink_4+252`).
-    pub fn dir_name(&self) -> String {
-        self.to_string().replace([':', '/'], "_")
-    }
 }
 
 impl fmt::Display for Strategy {

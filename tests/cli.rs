@@ -162,14 +162,14 @@ fn eval_table_and_plot_run_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for run in ["dense", "sink:2+4", "recompute:4/2"] {
+    for run in ["dense", "sink:2+4", "recompute:4_2"] {
         let record =
             streamppl::nll_log::RunRecord::read_json(&out_dir.join(run).join("run.json")).unwrap();
         let log = streamppl::nll_log::NllLog::read_parquet(&out_dir.join(run).join("nll.parquet"))
             .unwrap();
         assert_eq!(record.tokens_scored, log.len() as u64);
         assert!(record.tokens_scored > 5 && record.ppl.is_finite() && record.ppl > 1.0);
-        assert_eq!(record.approximate, run == "recompute:4/2");
+        assert_eq!(record.approximate, run == "recompute:4_2");
     }
     let table = streamppl(&["table", out_dir.to_str().unwrap()]);
     let table = String::from_utf8_lossy(&table.stdout);

@@ -366,7 +366,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
         let dir = std::env::temp_dir().join(format!(
             "streamppl-ckpt-{}-{}",
             std::process::id(),
-            s.dir_name()
+            spec.replace(['/', ':'], "_")
         ));
         let _ = std::fs::remove_dir_all(&dir);
         // A crash right after the checkpoint at fed token 21 is a run over the first 21 tokens

@@ -1,6 +1,8 @@
 //! The block-parallel engine gives the token engine's NLLs (to 1e-5) on tiny random Llamas of
 //! several shapes, for every block size, cache budget and across book boundaries.
 
+mod common;
+
 use candle_core::Device;
 use indicatif::ProgressBar;
 use streamppl::engine::{EngineKind, run_strategy};
@@ -8,23 +10,6 @@ use streamppl::model::Config;
 use streamppl::model::random::random_llama;
 use streamppl::strategy::Strategy;
 use streamppl::stream::TokenStream;
-
-fn books(lengths: &[usize], vocab: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed;
-    lengths
-        .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((x >> 33) % vocab as u64) as u32
-                })
-                .collect()
-        })
-        .collect()
-}
 
 fn configs() -> Vec<Config> {
     let gqa = Config::tiny(53); // 4 query heads, 2 KV heads
@@ -45,7 +30,11 @@ fn configs() -> Vec<Config> {
 fn compare(cfg: &Config, strategy: &str, pos_shift: bool, block: usize, prefix: &[u32]) {
     let model = random_llama(cfg, 11, &Device::Cpu).unwrap();
     // Four books, one of a single token (nothing fed from it), 60 fed tokens in all.
-    let stream = TokenStream::new(&books(&[23, 1, 18, 22], cfg.vocab_size, 3), prefix, None);
+    let stream = TokenStream::new(
+        &common::books(&[23, 1, 18, 22], cfg.vocab_size, 3),
+        prefix,
+        None,
+    );
     let s: Strategy = strategy.parse().unwrap();
     let run = |engine| {
         run_strategy(
@@ -123,7 +112,7 @@ fn block_runs_resume_from_a_checkpoint_to_the_same_numbers() {
     use streamppl::checkpoint::Checkpointer;
     let cfg = &configs()[0];
     let model = random_llama(cfg, 11, &Device::Cpu).unwrap();
-    let stream = TokenStream::new(&books(&[40, 30], cfg.vocab_size, 5), &[], None);
+    let stream = TokenStream::new(&common::books(&[40, 30], cfg.vocab_size, 5), &[], None);
     let s: Strategy = "sink:2+9".parse().unwrap();
     let engine = EngineKind::Block(8);
     let run = |stream: &TokenStream, ckpt| {

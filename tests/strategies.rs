@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+mod common;
+
 use candle_core::Device;
 use indicatif::ProgressBar;
 use streamppl::engine::{EngineKind, run_strategy};
@@ -16,24 +18,6 @@ const VOCAB: usize = 61;
 
 fn cfg() -> Config {
     Config::tiny(VOCAB) // 4 query heads over 2 KV heads: GQA
-}
-
-/// Deterministic pseudo-random books of the given lengths.
-fn books(lengths: &[usize], seed: u64) -> Vec<Vec<u32>> {
-    let mut x = seed;
-    lengths
-        .iter()
-        .map(|&n| {
-            (0..n)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((x >> 33) % VOCAB as u64) as u32
-                })
-                .collect()
-        })
-        .collect()
 }
 
 fn nlls(strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
@@ -70,7 +54,7 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 #[test]
 fn short_streams_give_identical_nlls_for_sink_window_dense() {
     // 3 books, 24 fed tokens < S+W = 4+28.
-    let stream = TokenStream::new(&books(&[9, 6, 12], 1), &[], None);
+    let stream = TokenStream::new(&common::books(&[9, 6, 12], VOCAB, 1), &[], None);
     let dense = nlls("dense", true, &stream);
     assert_close(
         &nlls("sink:4+28", true, &stream),
@@ -94,7 +78,7 @@ fn short_streams_give_identical_nlls_for_sink_window_dense() {
 
 #[test]
 fn recompute_with_a_window_as_long_as_the_stream_is_dense() {
-    let stream = TokenStream::new(&books(&[20, 15], 2), &[], None);
+    let stream = TokenStream::new(&common::books(&[20, 15], VOCAB, 2), &[], None);
     let dense = nlls("dense", true, &stream);
     assert_close(
         &nlls("recompute:40", true, &stream),
@@ -106,7 +90,7 @@ fn recompute_with_a_window_as_long_as_the_stream_is_dense() {
 
 #[test]
 fn recompute_stride_one_is_recompute() {
-    let stream = TokenStream::new(&books(&[30, 12], 3), &[], None);
+    let stream = TokenStream::new(&common::books(&[30, 12], VOCAB, 3), &[], None);
     let exact = nlls("recompute:8", true, &stream);
     assert_close(
         &nlls("recompute:8/1", true, &stream),
@@ -127,7 +111,7 @@ fn recompute_stride_one_is_recompute() {
 #[test]
 fn recompute_matches_the_oracle_window() {
     // recompute:W: token t sees fed tokens t-W..=t, all recomputed at positions 0..=W.
-    let stream = TokenStream::new(&books(&[25, 10], 4), &[], None);
+    let stream = TokenStream::new(&common::books(&[25, 10], VOCAB, 4), &[], None);
     let w = 6;
     let got = nlls(&format!("recompute:{w}"), true, &stream);
     let oracle = Oracle::new();
@@ -165,7 +149,7 @@ fn spec_visible(s: usize, w: usize, pos_shift: bool) -> impl Fn(usize) -> Vec<(u
 
 fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]) {
     // Four books: the cache is carried across each boundary, and a 1-token book adds nothing.
-    let stream = TokenStream::new(&books(&[17, 1, 13, 21], 5), prefix, None);
+    let stream = TokenStream::new(&common::books(&[17, 1, 13, 21], VOCAB, 5), prefix, None);
     let spec = if s == 0 {
         format!("window:{w}")
     } else {
@@ -210,7 +194,7 @@ fn sink_text_prefix_matches_the_spec_oracle() {
 #[test]
 fn no_pos_shift_differs_once_eviction_starts() {
     let (s, w) = (2, 6);
-    let stream = TokenStream::new(&books(&[40], 6), &[], None);
+    let stream = TokenStream::new(&common::books(&[40], VOCAB, 6), &[], None);
     let shift = nlls("sink:2+6", true, &stream);
     let fixed = nlls("sink:2+6", false, &stream);
     // Fed token t evicts from t = S+W+1 on; before that the two are the same computation.
@@ -350,7 +334,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
     use std::time::Duration;
     use streamppl::checkpoint::Checkpointer;
     let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
-    let stream = TokenStream::new(&books(&[30, 25], 8), &[], None);
+    let stream = TokenStream::new(&common::books(&[30, 25], VOCAB, 8), &[], None);
     for spec in ["sink:2+5", "dense", "recompute:6/3"] {
         let s: Strategy = spec.parse().unwrap();
         let whole = run_strategy(
@@ -417,7 +401,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
 
 #[test]
 fn score_every_samples_exact_recompute_nlls() {
-    let stream = TokenStream::new(&books(&[30, 12], 9), &[], None);
+    let stream = TokenStream::new(&common::books(&[30, 12], VOCAB, 9), &[], None);
     let exact = nlls("recompute:8", true, &stream);
     // k = 1 is the exact run itself.
     assert_close(

@@ -13,7 +13,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::log_targets;
+use super::{ContextWarning, log_targets, resume};
 
 pub struct BlockEngine<'m> {
     model: &'m Llama,
@@ -24,7 +24,7 @@ pub struct BlockEngine<'m> {
     cache: KvCache,
     /// Fed index of the token in each occupied slot, ascending: sinks, then recent tokens.
     held: Vec<u64>,
-    warned_context: bool,
+    context: ContextWarning,
 }
 
 impl<'m> BlockEngine<'m> {
@@ -50,7 +50,7 @@ impl<'m> BlockEngine<'m> {
             block,
             cache: model.new_cache(capacity)?,
             held: Vec::new(),
-            warned_context: false,
+            context: ContextWarning::new(model),
         })
     }
 
@@ -122,7 +122,12 @@ impl<'m> BlockEngine<'m> {
                 sinks: None,
             },
         };
-        self.warn_past_context(first + n_new as u64 - 1);
+        // The last query's position as the token engine would give it.
+        let last = first + n_new as u64 - 1;
+        self.context.check(match self.budget {
+            Some((s, w)) if self.pos_shift => last.min((s + w) as u64),
+            _ => last,
+        });
         let hidden = self.model.forward(tokens, &plan, &mut self.cache)?;
         self.evict()?;
         Ok(hidden)
@@ -142,22 +147,6 @@ impl<'m> BlockEngine<'m> {
         Ok(())
     }
 
-    /// Warns once when the last query's position (as the token engine would give it) passes
-    /// the trained context.
-    fn warn_past_context(&mut self, t: u64) {
-        let ctx = self.model.config().context_length as u64;
-        let max = match self.budget {
-            Some((s, w)) if self.pos_shift => t.min((s + w) as u64),
-            _ => t,
-        };
-        if !self.warned_context && max >= ctx {
-            self.warned_context = true;
-            eprintln!(
-                "warning: position {max} is past the model's trained context ({ctx}); carrying on (this is the experiment)"
-            );
-        }
-    }
-
     /// Feeds the whole stream block by block, scoring every fed token that has a target;
     /// resumes from and saves to `ckpt` when given (at block boundaries).
     pub fn run(
@@ -168,15 +157,11 @@ impl<'m> BlockEngine<'m> {
     ) -> Result<NllLog> {
         let mut log = NllLog::default();
         let mut start = 0;
-        let resume = ckpt
-            .as_deref()
-            .map(|c| c.load(self.model.config().n_layer, self.model.device()));
-        if let Some(state) = resume.transpose()?.flatten() {
+        if let Some(state) = resume(ckpt.as_deref(), self.model, progress)? {
             if let Some((cache, held)) = state.kv {
                 (self.cache, self.held) = (cache, held);
             }
             (start, log) = (state.next, state.log);
-            progress.set_position(log.len() as u64);
         }
         while start < stream.len() {
             let end = (start + self.block).min(stream.len());

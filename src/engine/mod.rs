@@ -11,7 +11,7 @@ pub mod token;
 use anyhow::Result;
 use indicatif::ProgressBar;
 
-use crate::checkpoint::Checkpointer;
+use crate::checkpoint::{Checkpointer, EngineState};
 use crate::model::Llama;
 use crate::nll_log::{NllLog, NllRecord};
 use crate::strategy::Strategy;
@@ -61,6 +61,45 @@ pub fn run_strategy(
                 block::BlockEngine::new(model, s, pos_shift, b)?.run(stream, progress, ckpt)
             }
         },
+    }
+}
+
+/// The state saved in `ckpt` for this run, if any; moves the progress bar past it.
+pub(crate) fn resume(
+    ckpt: Option<&Checkpointer>,
+    model: &Llama,
+    progress: &ProgressBar,
+) -> Result<Option<EngineState>> {
+    let Some(ckpt) = ckpt else { return Ok(None) };
+    let state = ckpt.load(model.config().n_layer, model.device())?;
+    if let Some(state) = &state {
+        progress.set_position(state.log.len() as u64);
+    }
+    Ok(state)
+}
+
+/// Warns once when a position passes the model's trained context: an experiment, not an error.
+pub(crate) struct ContextWarning {
+    context: u64,
+    warned: bool,
+}
+
+impl ContextWarning {
+    pub(crate) fn new(model: &Llama) -> Self {
+        ContextWarning {
+            context: model.config().context_length as u64,
+            warned: false,
+        }
+    }
+
+    pub(crate) fn check(&mut self, position: u64) {
+        if !self.warned && position >= self.context {
+            self.warned = true;
+            eprintln!(
+                "warning: position {position} is past the model's trained context ({}); carrying on (this is the experiment)",
+                self.context
+            );
+        }
     }
 }
 

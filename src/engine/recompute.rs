@@ -10,7 +10,7 @@ use crate::model::{AttnPlan, Llama};
 use crate::nll_log::NllLog;
 use crate::stream::TokenStream;
 
-use super::log_targets;
+use super::{log_targets, resume};
 
 pub fn run(
     model: &Llama,
@@ -22,12 +22,8 @@ pub fn run(
 ) -> Result<NllLog> {
     let mut log = NllLog::default();
     let mut start = 0;
-    let resume = ckpt
-        .as_deref()
-        .map(|c| c.load(model.config().n_layer, model.device()));
-    if let Some(state) = resume.transpose()?.flatten() {
+    if let Some(state) = resume(ckpt.as_deref(), model, progress)? {
         (start, log) = (state.next, state.log);
-        progress.set_position(log.len() as u64);
     }
     let mut cache = model.new_cache(window + 1)?;
     let n = stream.len();

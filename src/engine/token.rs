@@ -12,7 +12,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::log_targets;
+use super::{ContextWarning, log_targets, resume};
 
 /// Cache state of an evicting or dense strategy, fed one token at a time.
 pub struct TokenEngine<'m> {
@@ -25,7 +25,7 @@ pub struct TokenEngine<'m> {
     slot_token: Vec<u64>,
     /// Number of tokens fed so far.
     fed: u64,
-    warned_context: bool,
+    context: ContextWarning,
 }
 
 impl<'m> TokenEngine<'m> {
@@ -47,7 +47,7 @@ impl<'m> TokenEngine<'m> {
             cache: model.new_cache(capacity)?,
             slot_token: Vec::new(),
             fed: 0,
-            warned_context: false,
+            context: ContextWarning::new(model),
         })
     }
 
@@ -95,20 +95,10 @@ impl<'m> TokenEngine<'m> {
             mask: None,
             sinks: None,
         };
-        self.warn_past_context(plan.q_pos[0]);
+        self.context.check(plan.q_pos[0]);
         let hidden = self.model.forward(&[token], &plan, &mut self.cache)?;
         self.fed += 1;
         Ok(hidden)
-    }
-
-    fn warn_past_context(&mut self, pos: u64) {
-        let ctx = self.model.config().context_length as u64;
-        if !self.warned_context && pos >= ctx {
-            self.warned_context = true;
-            eprintln!(
-                "warning: position {pos} is past the model's trained context ({ctx}); carrying on (this is the experiment)"
-            );
-        }
     }
 
     /// Feeds the whole stream, scoring after every fed token that has a target; resumes from
@@ -120,18 +110,12 @@ impl<'m> TokenEngine<'m> {
         mut ckpt: Option<&mut Checkpointer>,
     ) -> Result<NllLog> {
         let mut log = NllLog::default();
-        if let Some(state) = ckpt
-            .as_deref()
-            .map(|c| c.load(self.model.config().n_layer, self.model.device()))
-            .transpose()?
-            .flatten()
-        {
+        if let Some(state) = resume(ckpt.as_deref(), self.model, progress)? {
             if let Some((cache, slot_token)) = state.kv {
                 (self.cache, self.slot_token) = (cache, slot_token);
             }
             self.fed = state.next as u64;
             log = state.log;
-            progress.set_position(log.len() as u64);
         }
         for i in self.fed as usize..stream.len() {
             let hidden = self.step(stream.fed[i])?;

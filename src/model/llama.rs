@@ -8,6 +8,7 @@
 use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
+use super::kernels;
 use super::kv_cache::KvCache;
 use super::rope::Rope;
 
@@ -257,29 +258,36 @@ impl Llama {
                 .map(|m| m.narrow(0, start, tq))
                 .transpose()?;
             let q_main = q_main.narrow(1, start, tq)?;
-            let scores = match &q_sink {
+            let parts = match &q_sink {
                 // Sinks are scored by the queries rotated to their sink positions, recent keys by
                 // the queries at their own positions; both go into ONE softmax.
-                Some(q_sink) if n_sink > 0 => Tensor::cat(
-                    &[
-                        self.scores(&q_sink.narrow(1, start, tq)?, &k.narrow(1, 0, n_sink)?)?,
-                        self.scores(&q_main, &k.narrow(1, n_sink, n_keys - n_sink)?)?,
-                    ],
-                    D::Minus1,
-                )?,
-                _ => self.scores(&q_main, &k)?,
-            }; // (nh, tq, n_keys)
-            let scores = match mask {
-                Some(mask) => scores.broadcast_add(&mask)?,
-                None => scores,
-            };
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                Some(q_sink) if n_sink > 0 => vec![
+                    self.scores(&q_sink.narrow(1, start, tq)?, &k.narrow(1, 0, n_sink)?)?,
+                    self.scores(&q_main, &k.narrow(1, n_sink, n_keys - n_sink)?)?,
+                ],
+                _ => vec![self.scores(&q_main, &k)?],
+            }; // each (nh, tq, keys of the part)
+            let probs = self.masked_softmax(&parts, mask.as_ref())?; // (nh, tq, n_keys)
             outs.push(self.grouped(&probs, |p| p.matmul(&v))?); // (nh, tq, hd)
         }
-        let out = Tensor::cat(&outs, 1)?
-            .transpose(0, 1)?
-            .reshape((t, nh * hd))?;
+        let out = match outs.len() {
+            1 => outs.swap_remove(0),
+            _ => Tensor::cat(&outs, 1)?,
+        }
+        .transpose(0, 1)?
+        .reshape((t, nh * hd))?;
         b.wo.forward(&out)
+    }
+
+    /// Softmax over [parts side by side] + mask. (A fused CPU kernel for this was faster alone
+    /// but slowed the matmuls around it; see the block-engine notes.)
+    fn masked_softmax(&self, parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor> {
+        let scores = Tensor::cat(parts, D::Minus1)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax_last_dim(&scores)
     }
 
     /// Scores (nh, tq, n) of rotated, pre-scaled queries (nh, tq, hd) against rotated keys (nkv, n, hd).
@@ -300,13 +308,20 @@ impl Llama {
     /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
     /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
     pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+        // One gemm per 128 rows: the (49152 x hidden) weight is packed once per tile, and the
+        // logits of a tile stay at 25 MB.
         const TILE: usize = 64;
         let mut out = Vec::with_capacity(targets.len());
         for start in (0..targets.len()).step_by(TILE) {
             let n = TILE.min(targets.len() - start);
             let logits = self.lm_head.forward(&hidden.narrow(0, start, n)?)?; // (n, vocab)
+            let targets = &targets[start..start + n];
+            if self.device.is_cpu() {
+                out.extend(kernels::nll_from_logits(&logits, targets)?);
+                continue;
+            }
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let idx = Tensor::new(&targets[start..start + n], &self.device)?.unsqueeze(1)?;
+            let idx = Tensor::new(targets, &self.device)?.unsqueeze(1)?;
             let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
             out.extend(picked.into_iter().map(|lp| -lp));
         }

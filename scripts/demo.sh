@@ -9,6 +9,6 @@ OUT=${OUT:-results/demo}
 BIN=target/release/streamppl
 "$BIN" eval --model models/SmolLM2-135M-Instruct.Q4_1.gguf --corpus datasets/gutenberg-mini/test.parquet \
   --strategy dense --strategy window:256 --strategy sink:4+252 --strategy recompute:256/64 \
-  --max-tokens 4096 --out "$OUT"
+  --max-tokens 4096 --out "$OUT" --rerun
 "$BIN" table "$OUT" | tee "$OUT/table.md"
 "$BIN" plot "$OUT" -o "$OUT/running_ppl.png" --title "SmolLM2-135M, gutenberg-mini, first 4096 tokens"

@@ -11,7 +11,7 @@ use crate::corpus::load_corpora;
 use crate::engine::EngineKind;
 use crate::eval::{EvalOptions, TokenizedCorpus};
 use crate::nll_log::Versions;
-use crate::runner::{LoadedModel, load_model, progress_bar, run_one, versions};
+use crate::runner::{LoadedModel, discard_run, load_model, progress_bar, run_one, versions};
 
 /// Token counts of each measurement.
 #[derive(Debug, Clone)]
@@ -214,7 +214,7 @@ fn measure(
     opts.max_tokens = Some(tokens);
     let dir = scratch.join(what.replace([' ', ','], "_"));
     // A fresh run every time: a bench never reuses a finished run.
-    let _ = std::fs::remove_dir_all(&dir);
+    discard_run(&dir)?;
     let r = run_one(
         lm,
         corpus,

@@ -1,8 +1,8 @@
 //! Checkpoints: an interrupted run loses at most one checkpoint interval and resumes to the
 //! same numbers, because the whole engine state (KV cache bits, slot map, log so far) is saved.
 //!
-//! Layout: `RUN_DIR/checkpoint/{state.json, nll.parquet, kv.safetensors}`, replaced atomically
-//! (written to `checkpoint.tmp/`, then renamed).
+//! Layout: `RUN_DIR/checkpoint/{state.json, nll.parquet, kv.safetensors}`, written to
+//! `checkpoint.tmp/` and swapped in by renames.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -56,7 +56,9 @@ impl Checkpointer {
         self.last.elapsed() >= self.every
     }
 
-    /// Writes `state` as the new checkpoint, atomically.
+    /// Writes the engine state as the new checkpoint. A kill at any instant leaves a whole
+    /// checkpoint on disk: `checkpoint/`, or between the two renames `checkpoint.old/`, which
+    /// `load` falls back to.
     pub fn save(
         &mut self,
         next: usize,
@@ -77,38 +79,61 @@ impl Checkpointer {
             slot_token: kv.map(|(_, slots)| slots.to_vec()),
         };
         std::fs::write(tmp.join("state.json"), serde_json::to_string(&state)?)?;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let old = self.dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if self.dir.exists() {
+            std::fs::rename(&self.dir, &old)
+                .with_context(|| format!("{}: cannot set aside", self.dir.display()))?;
+        }
         std::fs::rename(&tmp, &self.dir)
             .with_context(|| format!("{}: cannot replace checkpoint", self.dir.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
         self.last = Instant::now();
         Ok(())
     }
 
     /// The saved state of this same run, if there is one.
     pub fn load(&self, n_layer: usize, device: &Device) -> Result<Option<EngineState>> {
-        let Ok(text) = std::fs::read_to_string(self.dir.join("state.json")) else {
+        let old = self.dir.with_extension("old");
+        let dir = if self.dir.join("state.json").is_file() {
+            &self.dir
+        } else {
+            &old
+        };
+        let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else {
             return Ok(None);
         };
         let state: StateFile = match serde_json::from_str(&text) {
             Ok(s) => s,
-            Err(_) => return Ok(None),
+            Err(e) => {
+                eprintln!(
+                    "note: {}: unreadable checkpoint ({e}); starting over",
+                    dir.display()
+                );
+                return Ok(None);
+            }
         };
         if state.fingerprint != self.fingerprint {
             eprintln!(
                 "note: {} belongs to a different run configuration; starting over",
-                self.dir.display()
+                dir.display()
             );
             return Ok(None);
         }
-        let log = NllLog::read_parquet(&self.dir.join("nll.parquet"))?;
+        let log = NllLog::read_parquet(&dir.join("nll.parquet"))?;
         let kv = match state.slot_token {
             Some(slots) => {
-                let named =
-                    candle_core::safetensors::load(self.dir.join("kv.safetensors"), device)?;
+                let named = candle_core::safetensors::load(dir.join("kv.safetensors"), device)?;
                 Some((KvCache::from_named_tensors(named, n_layer)?, slots))
             }
             None => None,
         };
+        self.resumed.set(log.len());
+        eprintln!(
+            "resuming from {} ({} tokens already scored)",
+            dir.display(),
+            log.len()
+        );
         Ok(Some(EngineState {
             next: state.next,
             log,
@@ -123,9 +148,16 @@ impl Checkpointer {
 
     /// Removes the checkpoint once the run's final files are written.
     pub fn clear(&self) -> Result<()> {
-        match std::fs::remove_dir_all(&self.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        for dir in [
+            self.dir.clone(),
+            self.dir.with_extension("old"),
+            self.dir.with_extension("tmp"),
+        ] {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
+        Ok(())
     }
 }

@@ -63,6 +63,9 @@ enum Command {
         /// Seconds between checkpoints; a killed run restarted with the same command resumes from the last one.
         #[arg(long, default_value_t = 60)]
         checkpoint_every: u64,
+        /// Recompute every run, even one already finished (or checkpointed) in --out.
+        #[arg(long)]
+        rerun: bool,
     },
     /// Print one markdown table over run directories.
     Table {
@@ -168,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
             engine,
             block_size,
             score_every,
+            rerun,
         } => {
             if block_size == 0 {
                 anyhow::bail!(
@@ -197,6 +201,7 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 out,
                 checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
+                rerun,
             })?;
         }
         Command::Table { runs } => print!("{}", markdown_table(&load_runs(&runs)?)),

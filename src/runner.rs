@@ -109,6 +109,8 @@ pub struct EvalJob {
     pub out: PathBuf,
     /// How often a running strategy saves its state (an interruption loses at most this much).
     pub checkpoint_every: std::time::Duration,
+    /// Start every run afresh, even one finished or checkpointed on disk.
+    pub rerun: bool,
 }
 
 /// Runs every strategy of the job; returns the run directories written.
@@ -130,10 +132,23 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
     for opts in &job.runs {
         let dir = job.out.join(opts.run_name());
+        if job.rerun {
+            discard_run(&dir)?;
+        }
         run_one(&lm, &corpus, &job.corpus, opts, &dir, job.checkpoint_every)?;
         dirs.push(dir);
     }
     Ok(dirs)
+}
+
+/// Removes a run directory's results and checkpoint, so the run starts afresh.
+pub fn discard_run(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("{}: cannot remove the old run", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Runs one strategy into `dir` (`nll.parquet`, `run.json`), resuming from its checkpoint, or

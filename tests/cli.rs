@@ -280,3 +280,74 @@ fn the_quick_bench_writes_its_report() {
             .contains("tokens/s")
     );
 }
+
+#[test]
+fn a_killed_run_resumes_to_the_same_numbers() {
+    let Some(model) = real_model() else { return };
+    let corpus =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/gutenberg-mini/test.parquet");
+    let (killed, fresh) = (tmp("killed"), tmp("fresh"));
+    let args = |out: &PathBuf| -> Vec<String> {
+        [
+            "eval",
+            "--model",
+            &model,
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--strategy",
+            "sink:4+252",
+            "--max-tokens",
+            "2000",
+            "--block-size",
+            "64",
+            "--checkpoint-every",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let _ = std::fs::remove_dir_all(killed.join("sink:4+252"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamppl"))
+        .args(args(&killed))
+        .spawn()
+        .unwrap();
+    // Kill it (SIGKILL: no chance to clean up) once a checkpoint is on disk.
+    let state = killed.join("sink:4+252/checkpoint/state.json");
+    let start = std::time::Instant::now();
+    while !state.is_file() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(state.is_file(), "no checkpoint was written");
+    assert!(
+        !killed.join("sink:4+252/run.json").is_file(),
+        "the run finished before it was killed"
+    );
+    let resumed = streamppl(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let said = String::from_utf8_lossy(&resumed.stderr);
+    assert!(said.contains("resuming from"), "{said}");
+    let mut fresh_args = args(&fresh);
+    fresh_args.push("--rerun".into());
+    let whole = streamppl(&fresh_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(whole.status.success());
+    let read = |d: &PathBuf| {
+        streamppl::nll_log::NllLog::read_parquet(&d.join("sink:4+252/nll.parquet")).unwrap()
+    };
+    assert_eq!(
+        read(&killed),
+        read(&fresh),
+        "resumed NLLs differ from an uninterrupted run"
+    );
+    assert!(
+        !killed.join("sink:4+252/checkpoint").exists(),
+        "checkpoint left behind"
+    );
+}

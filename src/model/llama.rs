@@ -308,8 +308,8 @@ impl Llama {
     /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
     /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
     pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
-        // One gemm per 128 rows: the (49152 x hidden) weight is packed once per tile, and the
-        // logits of a tile stay at 25 MB.
+        // The logits of a 64-row tile are 12.6 MB for a 49152-token vocabulary (128 rows measured
+        // no faster here).
         const TILE: usize = 64;
         let mut out = Vec::with_capacity(targets.len());
         for start in (0..targets.len()).step_by(TILE) {

@@ -27,10 +27,6 @@ impl KvCache {
         Ok(KvCache { layers, capacity })
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Grows to at least `needed` slots (doubling, so a dense run copies O(n) in total).
     pub fn ensure_capacity(&mut self, needed: usize) -> Result<()> {
         if needed <= self.capacity {

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin streamppl
 scripts/fetch-defaults.sh
-exec target/release/streamppl bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/streamppl" bench "$@"

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin streamppl
 scripts/fetch-defaults.sh
 OUT=${OUT:-results/demo}
-BIN=target/release/streamppl
+BIN="${CARGO_TARGET_DIR:-target}/release/streamppl"
 "$BIN" eval --model models/SmolLM2-135M-Instruct.Q4_1.gguf --corpus datasets/gutenberg-mini/test.parquet \
   --strategy dense --strategy window:256 --strategy sink:4+252 --strategy recompute:256/64 \
   --max-tokens 4096 --out "$OUT" --rerun

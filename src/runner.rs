@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -14,6 +14,7 @@ use crate::checkpoint::Checkpointer;
 use crate::corpus::{Book, load_corpora};
 use crate::engine::{EngineKind, run_strategy};
 use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, stream_for};
+use crate::memory::{MemorySampler, write_csv};
 use crate::model::Llama;
 use crate::model::gguf::load_gguf;
 use crate::nll_log::{CorpusInfo, ModelInfo, RunRecord, Versions};
@@ -120,15 +121,7 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
     }
     let device = Device::Cpu;
     let lm = load_model(&job.model, &device)?;
-    let books = select_books(load_corpora(&job.corpus)?, job.books.as_deref())?;
-    // Tokenize as far as the longest run needs (all books if any run wants the whole corpus).
-    let max_tokens = match job.runs.iter().any(|o| o.max_tokens.is_none()) {
-        true => None,
-        false => job.runs.iter().filter_map(|o| o.max_tokens).max(),
-    };
-    let bar = progress_bar(books.len() as u64, "tokenizing", "books");
-    let corpus = TokenizedCorpus::new(&lm.tokenizer, books, max_tokens, &bar)?;
-    bar.finish_and_clear();
+    let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &job.runs)?;
     let mut dirs = Vec::new();
     for opts in &job.runs {
         let dir = job.out.join(opts.run_name());
@@ -139,6 +132,25 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
         dirs.push(dir);
     }
     Ok(dirs)
+}
+
+/// Loads the corpus, selects `--books`, and tokenizes (with a bar) as far as the longest of
+/// `runs` needs: all books if any run wants the whole corpus.
+pub fn load_tokenized(
+    lm: &LoadedModel,
+    corpus: &[PathBuf],
+    books: Option<&str>,
+    runs: &[EvalOptions],
+) -> Result<TokenizedCorpus> {
+    let books = select_books(load_corpora(corpus)?, books)?;
+    let max_tokens = match runs.iter().any(|o| o.max_tokens.is_none()) {
+        true => None,
+        false => runs.iter().filter_map(|o| o.max_tokens).max(),
+    };
+    let bar = progress_bar(books.len() as u64, "tokenizing", "books");
+    let corpus = TokenizedCorpus::new(&lm.tokenizer, books, max_tokens, &bar)?;
+    bar.finish_and_clear();
+    Ok(corpus)
 }
 
 /// Removes a run directory's results and checkpoint, so the run starts afresh.
@@ -175,6 +187,7 @@ pub fn run_one(
     let mut ckpt = Checkpointer::new(dir, fingerprint.clone(), checkpoint_every);
     let bar = progress_bar(stream.scored_count(), &opts.run_name(), "tok");
     reset_peak_rss();
+    let memory = MemorySampler::start(bar.clone(), Duration::from_secs(1));
     let started = Instant::now();
     let log = run_strategy(
         &lm.model,
@@ -186,6 +199,7 @@ pub fn run_one(
         Some(&mut ckpt),
     )?;
     let wall = started.elapsed().as_secs_f64();
+    let memory = memory.stop();
     bar.finish_and_clear();
     let m = metrics(&log, corpus, &lm.tokenizer);
     // Throughput of this process only: tokens restored from a checkpoint took no time here.
@@ -231,6 +245,8 @@ pub fn run_one(
         fingerprint,
     };
     log.write_parquet(&dir.join("nll.parquet"))?;
+    // Resident memory of this process over the run (a resumed run logs only its own part).
+    write_csv(&memory, &dir.join("memory.csv"))?;
     record.write_json(&dir.join("run.json"))?;
     ckpt.clear()?;
     eprintln!(

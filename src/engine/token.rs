@@ -101,6 +101,46 @@ impl<'m> TokenEngine<'m> {
         Ok(hidden)
     }
 
+    /// Feeds the first `tokens` of the stream in ONE forward pass (causal mask, positions and
+    /// slots 0..n), leaving the engine exactly as `step` on each of them would: a latency
+    /// measurement can fill the cache at prefill speed and then time `step` over a full cache.
+    /// Only a fresh engine can prefill, and only as many tokens as fit without eviction
+    /// (S+W+1; a dense cache grows).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        let n = tokens.len();
+        if self.fed != 0 {
+            bail!(
+                "prefill needs a fresh engine; {} tokens were fed already",
+                self.fed
+            );
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        match self.budget {
+            // Up to S+W+1 tokens, token t sits in slot t at position t, as `step` puts it.
+            Some((s, w)) if n > s + w + 1 => bail!(
+                "prefill of {n} tokens would evict: sink:{s}+{w} holds at most {} without eviction",
+                s + w + 1
+            ),
+            Some(_) => {}
+            None => self.cache.ensure_capacity(n)?,
+        }
+        let pos: Vec<u64> = (0..n as u64).collect();
+        let plan = AttnPlan {
+            q_pos: pos.clone(),
+            write_at: 0,
+            k_pos: pos,
+            mask: Some(AttnPlan::causal_mask(n, self.model.device())?), // (n, n)
+            sinks: None,
+        };
+        self.context.check(n as u64 - 1);
+        self.model.forward(tokens, &plan, &mut self.cache)?; // (n, hidden), unused
+        self.slot_token = (0..n as u64).collect();
+        self.fed = n as u64;
+        Ok(())
+    }
+
     /// Feeds the whole stream, scoring after every fed token that has a target; resumes from
     /// and saves to `ckpt` when given.
     pub fn run(
@@ -129,5 +169,95 @@ impl<'m> TokenEngine<'m> {
             }
         }
         Ok(log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::Config;
+    use crate::model::random::random_llama;
+
+    /// Pseudo-random token ids below `vocab`.
+    fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+        let mut x = 5u64;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) % vocab as u64) as u32
+            })
+            .collect()
+    }
+
+    /// Prefilling the first `n` tokens and stepping over the rest gives the hidden states and
+    /// NLLs of stepping over every token, with eviction (and the pos shift) after the prefill.
+    fn prefill_matches_steps(strategy: &str, pos_shift: bool, n: usize) {
+        let cfg = Config::tiny(47);
+        let model = random_llama(&cfg, 3, &Device::Cpu).unwrap();
+        let ids = tokens(30, cfg.vocab_size);
+        let s: Strategy = strategy.parse().unwrap();
+        let mut stepped = TokenEngine::new(&model, s, pos_shift).unwrap();
+        let mut prefilled = TokenEngine::new(&model, s, pos_shift).unwrap();
+        for &t in &ids[..n] {
+            stepped.step(t).unwrap();
+        }
+        prefilled.prefill(&ids[..n]).unwrap();
+        assert_eq!(prefilled.slot_token, stepped.slot_token);
+        assert_eq!(prefilled.fed, stepped.fed);
+        for i in n..ids.len() - 1 {
+            let a = stepped.step(ids[i]).unwrap(); // (1, hidden)
+            let b = prefilled.step(ids[i]).unwrap();
+            let diff = (a.clone() - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5,
+                "{strategy} prefill {n}, token {i}: hidden off by {diff}"
+            );
+            let next = [ids[i + 1]];
+            let (na, nb) = (model.nll(&a, &next).unwrap(), model.nll(&b, &next).unwrap());
+            assert!(
+                (na[0] - nb[0]).abs() <= 1e-5,
+                "{strategy} prefill {n}, token {i}: NLL {} vs {}",
+                na[0],
+                nb[0]
+            );
+        }
+    }
+
+    #[test]
+    fn prefill_then_step_matches_step_on_every_token() {
+        // sink:2+5 evicts from the 9th token on: prefill a full cache (7 = S+W), the most that
+        // fits (8 = S+W+1), and a partial one.
+        for n in [7, 8, 4] {
+            prefill_matches_steps("sink:2+5", true, n);
+        }
+        prefill_matches_steps("sink:2+5", false, 7);
+        prefill_matches_steps("window:6", true, 7);
+        prefill_matches_steps("dense", true, 12);
+    }
+
+    #[test]
+    fn prefill_refuses_eviction_and_a_used_engine() {
+        let model = random_llama(&Config::tiny(47), 3, &Device::Cpu).unwrap();
+        let s: Strategy = "sink:2+5".parse().unwrap();
+        let ids = tokens(9, 47);
+        let err = TokenEngine::new(&model, s, true)
+            .unwrap()
+            .prefill(&ids)
+            .unwrap_err();
+        assert!(err.to_string().contains("at most 8"), "{err}");
+        let mut used = TokenEngine::new(&model, s, true).unwrap();
+        used.step(ids[0]).unwrap();
+        assert!(used.prefill(&ids[1..3]).is_err());
     }
 }

@@ -9,6 +9,7 @@
 //! ```
 
 mod compare;
+mod experiment;
 mod figures;
 mod plot;
 mod table;
@@ -20,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use crate::nll_log::RunRecord;
 
 pub use compare::{NllDiff, compare_logs, compare_runs};
+pub use experiment::{PPL_WINDOW, render_experiment, windowed_ppl, write_reproduction};
 pub use figures::{HeatmapCell, plot_heatmap, plot_latency, plot_long_stream};
 pub use plot::plot_running_ppl;
 pub use table::markdown_table;

@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::Ranged;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -14,11 +16,11 @@ use crate::nll_log::NllLog;
 const SIZE: (u32, u32) = (1200, 640);
 /// Right-hand panel for the legend, so it never hides a curve.
 const LEGEND_WIDTH: u32 = 300;
-const FONT: &str = "sans-serif";
+pub(super) const FONT: &str = "sans-serif";
 /// Points kept per line: a few per pixel column of the chart, far fewer than a long log holds.
-const MAX_POINTS: usize = 4000;
+pub(super) const MAX_POINTS: usize = 4000;
 /// Tableau 10: distinct hues that stay apart in print and for common colour-vision deficiencies.
-const PALETTE: [RGBColor; 10] = [
+pub(super) const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -31,7 +33,7 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 /// Dash and gap length, in pixels, of approximate runs.
-const DASH: (u32, u32) = (10, 6);
+pub(super) const DASH: (u32, u32) = (10, 6);
 
 /// One line of the plot.
 struct Series {
@@ -58,6 +60,14 @@ struct Figure<'a> {
 /// to a few thousand points per line, each at its exact running value. A dashed vertical line
 /// marks the model's trained context when the x range passes it.
 pub fn plot_running_ppl(runs: &[Run], out: &Path, title: &str) -> Result<()> {
+    check_png(out)?;
+    let series = runs.iter().map(load_series).collect::<Result<Vec<_>>>()?;
+    let figure = Figure::new(runs, series, title);
+    write_png_and_svg(out, SIZE, &figure)
+}
+
+/// Checked before any work, so a wrong name fails fast with one line.
+pub(super) fn check_png(out: &Path) -> Result<()> {
     if !out
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("png"))
@@ -67,17 +77,29 @@ pub fn plot_running_ppl(runs: &[Run], out: &Path, title: &str) -> Result<()> {
             out.display()
         );
     }
-    let series = runs.iter().map(load_series).collect::<Result<Vec<_>>>()?;
-    let figure = Figure::new(runs, series, title);
+    Ok(())
+}
+
+/// A figure that can draw itself on any backend, so one drawing code makes both PNG and SVG.
+pub(super) trait Render {
+    fn render<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static;
+}
+
+/// Writes `out` (PNG) and the same figure as SVG beside it, creating the directory if needed.
+pub(super) fn write_png_and_svg(out: &Path, size: (u32, u32), figure: &impl Render) -> Result<()> {
     register_font()?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     }
-    draw(BitMapBackend::new(out, SIZE).into_drawing_area(), &figure)
+    figure
+        .render(BitMapBackend::new(out, size).into_drawing_area())
         .with_context(|| format!("{}: cannot draw plot", out.display()))?;
     let svg = out.with_extension("svg");
-    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), &figure)
+    figure
+        .render(SVGBackend::new(&svg, size).into_drawing_area())
         .with_context(|| format!("{}: cannot draw plot", svg.display()))
 }
 
@@ -101,24 +123,28 @@ fn load_series(run: &Run) -> Result<Series> {
     Ok(Series {
         label,
         approximate: run.record.approximate,
-        // x is the stream position (1-based), so a sampled run (every k-th token scored) sits
-        // on the same axis as a full one.
-        points: downsample(&log.running_ppl(), MAX_POINTS)
-            .into_iter()
-            .map(|(i, y)| ((log.records[i as usize - 1].position + 1) as f64, y))
-            .collect(),
+        points: downsample_by_position(&log, &log.running_ppl()),
     })
 }
 
+/// `values` (one per record of `log`) downsampled, as (stream position, 1-based, value): a
+/// sampled run (every k-th token scored) then sits on the same axis as a full one.
+pub(super) fn downsample_by_position(log: &NllLog, values: &[f64]) -> Vec<(f64, f64)> {
+    downsample(values, MAX_POINTS)
+        .into_iter()
+        .map(|(i, y)| ((log.records[i as usize - 1].position + 1) as f64, y))
+        .collect()
+}
+
 /// A log axis can only place finite, positive values.
-fn plottable(v: f64) -> bool {
+pub(super) fn plottable(v: f64) -> bool {
     v.is_finite() && v > 0.0
 }
 
 /// Keeps at most about `max_points` of `values` as (scored tokens, value): the minimum and the
 /// maximum of each bucket, so spikes survive, plus the final value, which readers compare.
 /// Kept values are exact, never averaged. Unplottable values are dropped.
-fn downsample(values: &[f64], max_points: usize) -> Vec<(f64, f64)> {
+pub(super) fn downsample(values: &[f64], max_points: usize) -> Vec<(f64, f64)> {
     let point = |i: usize| ((i + 1) as f64, values[i]);
     let keep = |i: &usize| plottable(values[*i]);
     if values.len() <= max_points {
@@ -150,26 +176,8 @@ fn downsample(values: &[f64], max_points: usize) -> Vec<(f64, f64)> {
 
 impl<'a> Figure<'a> {
     fn new(runs: &[Run], series: Vec<Series>, title: &'a str) -> Self {
-        // At least 10 tokens wide, so that a tiny or empty plot still gets whole-token ticks.
-        let x_max = series
-            .iter()
-            .filter_map(|s| s.points.last())
-            .map(|p| p.0)
-            .fold(10.0, f64::max);
-        // The first tokens of a stream have a huge running PPL (little context, few samples);
-        // letting them set the y-range would flatten every difference that matters. Lines
-        // start off the top of the chart instead.
-        let warm_up = (x_max * 0.02).min(256.0);
-        let settled: Vec<f64> = series
-            .iter()
-            .flat_map(|s| s.points.iter())
-            .filter(|p| p.0 >= warm_up)
-            .map(|p| p.1)
-            .collect();
-        let y_range = match settled.is_empty() {
-            false => y_range(settled.into_iter()),
-            true => y_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1))),
-        };
+        let x_max = x_max(series.iter().filter_map(|s| s.points.last()).map(|p| p.0));
+        let y_range = settled_y_range(series.iter().flat_map(|s| s.points.iter()), x_max);
         let mut trained_contexts: Vec<f64> = runs
             .iter()
             .map(|r| r.record.model.trained_context as f64)
@@ -188,9 +196,30 @@ impl<'a> Figure<'a> {
     }
 }
 
+/// The largest x, but at least 10 tokens, so that a tiny or empty plot still gets whole-token
+/// ticks.
+pub(super) fn x_max(xs: impl Iterator<Item = f64>) -> f64 {
+    xs.fold(10.0, f64::max)
+}
+
+/// The y-range of PPL curves over `0..x_max`. The first tokens of a stream have a huge PPL
+/// (little context, few samples); letting them set the range would flatten every difference
+/// that matters, so lines start off the top of the chart instead.
+pub(super) fn settled_y_range<'p>(
+    points: impl Iterator<Item = &'p (f64, f64)> + Clone,
+    x_max: f64,
+) -> (f64, f64) {
+    let warm_up = (x_max * 0.02).min(256.0);
+    let mut settled = points.clone().filter(|p| p.0 >= warm_up).peekable();
+    match settled.peek().is_some() {
+        true => y_range(settled.map(|p| p.1)),
+        false => y_range(points.map(|p| p.1)),
+    }
+}
+
 /// The data's extent, padded a little in log space so lines do not touch the frame; a flat or
 /// single-point extent is widened since a log axis needs lo < hi; no data gives 1..10.
-fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(super) fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
@@ -203,7 +232,7 @@ fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// Ticks at 1-2-5 style mantissas per decade, the coarsest set that gives at least four ticks;
 /// a range too narrow for any (well under one decade) gets evenly spaced ticks instead.
-fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub(super) fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     const MANTISSAS: [&[f64]; 4] = [
         &[1.0],
         &[1.0, 2.0, 5.0],
@@ -247,13 +276,13 @@ fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 /// A tick value without float noise or trailing zeros: 15, 1.5, 0.3.
-fn fmt_value(v: f64) -> String {
+pub(super) fn fmt_value(v: f64) -> String {
     let s = format!("{v:.6}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Token counts as 500, 12.5k, 1.5M.
-fn fmt_tokens(x: f64) -> String {
+pub(super) fn fmt_tokens(x: f64) -> String {
     match x.abs() {
         a if a >= 1e6 => format!("{}M", fmt_value((x / 1e4).round() / 1e2)),
         a if a >= 1e3 => format!("{}k", fmt_value((x / 1e2).round() / 10.0)),
@@ -261,16 +290,39 @@ fn fmt_tokens(x: f64) -> String {
     }
 }
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    root.fill(&WHITE)?;
-    let (chart_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
-    draw_chart(&chart_area, fig)?;
-    draw_legend(&legend_area, &fig.series)?;
-    root.present()?;
-    Ok(())
+impl Render for Figure<'_> {
+    fn render<DB: DrawingBackend>(&self, root: DrawingArea<DB, Shift>) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE)?;
+        let (chart_area, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+        draw_chart(&chart_area, self)?;
+        let entries: Vec<LegendEntry> = self
+            .series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| LegendEntry {
+                label: s.label.clone(),
+                color: PALETTE[i % PALETTE.len()].to_rgba(),
+                dashed: s.approximate,
+                marker: None,
+            })
+            .collect();
+        draw_legend(&legend_area, &entries)?;
+        root.present()?;
+        Ok(())
+    }
+}
+
+/// The mesh look shared by every chart of the report: font sizes and faint grid lines.
+pub(super) fn house_style<'m, 'a, 'b, X: Ranged, Y: Ranged, DB: DrawingBackend>(
+    mesh: &'m mut MeshStyle<'a, 'b, X, Y, DB>,
+) -> &'m mut MeshStyle<'a, 'b, X, Y, DB> {
+    mesh.label_style((FONT, 17))
+        .axis_desc_style((FONT, 19))
+        .light_line_style(BLACK.mix(0.04))
+        .bold_line_style(BLACK.mix(0.12))
 }
 
 fn draw_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
@@ -289,16 +341,11 @@ where
                 .log_scale()
                 .with_key_points(fig.y_ticks.clone()),
         )?;
-    chart
-        .configure_mesh()
+    house_style(&mut chart.configure_mesh())
         .x_desc("tokens")
         .y_desc("running PPL (log)")
         .x_label_formatter(&|x| fmt_tokens(*x))
         .y_label_formatter(&|y| fmt_value(*y))
-        .label_style((FONT, 17))
-        .axis_desc_style((FONT, 19))
-        .light_line_style(BLACK.mix(0.04))
-        .bold_line_style(BLACK.mix(0.12))
         .draw()?;
     for &x in &fig.trained_contexts {
         let style = BLACK.mix(0.55).stroke_width(2);
@@ -323,7 +370,7 @@ where
 }
 
 /// Characters per legend line at the legend's font size and width.
-const LEGEND_CHARS: usize = 24;
+pub(super) const LEGEND_CHARS: usize = 24;
 
 /// Splits `text` on spaces into lines of at most `width` characters (a longer word stays whole).
 fn wrap(text: &str, width: usize) -> Vec<String> {
@@ -340,8 +387,43 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
-/// One row per run: a stroke sample in the run's colour and dash, then its label.
-fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, series: &[Series]) -> Result<()>
+/// One row of a legend drawn beside a chart.
+pub(super) struct LegendEntry {
+    pub(super) label: String,
+    pub(super) color: RGBAColor,
+    pub(super) dashed: bool,
+    /// The shape (see `draw_markers`) on the sample, for lines drawn with point markers.
+    pub(super) marker: Option<usize>,
+}
+
+/// Draws a marker of shape `shape` (circle, square, triangle, cross, cycling) at each point.
+/// Shapes as well as colours tell series apart where their points coincide or print is grey.
+pub(super) fn draw_markers<DB: DrawingBackend, CT: CoordTranslate>(
+    area: &DrawingArea<DB, CT>,
+    points: impl IntoIterator<Item = CT::From>,
+    shape: usize,
+    color: RGBAColor,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let fill = color.filled();
+    for p in points {
+        match shape % 4 {
+            0 => area.draw(&Circle::new(p, 5, fill))?,
+            1 => area.draw(&(EmptyElement::at(p) + Rectangle::new([(-4, -4), (4, 4)], fill)))?,
+            2 => area.draw(&TriangleMarker::new(p, 6, fill))?,
+            _ => area.draw(&Cross::new(p, 5, color.stroke_width(2)))?,
+        }
+    }
+    Ok(())
+}
+
+/// One row per entry: a stroke sample in the entry's colour and dash, then its label.
+pub(super) fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[LegendEntry],
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -353,13 +435,16 @@ where
         .into_text_style(area)
         .pos(Pos::new(HPos::Left, VPos::Center));
     let mut y = TOP;
-    for (i, s) in series.iter().enumerate() {
-        let style = PALETTE[i % PALETTE.len()].stroke_width(3);
+    for s in entries {
+        let style = s.color.stroke_width(3);
         let sample = [(8, y), (8 + SAMPLE, y)];
-        if s.approximate {
+        if s.dashed {
             area.draw(&DashedPathElement::new(sample, DASH.0, DASH.1 / 2, style))?;
         } else {
             area.draw(&PathElement::new(sample, style))?;
+        }
+        if let Some(shape) = s.marker {
+            draw_markers(area, [(8 + SAMPLE / 2, y)], shape, s.color)?;
         }
         // Long labels wrap so the legend never cuts them off.
         for (l, line) in wrap(&s.label, LEGEND_CHARS).iter().enumerate() {

@@ -98,7 +98,7 @@ fn footnotes(runs: &[Run]) -> String {
 }
 
 /// Escapes the one character that would break a table cell.
-fn cell(text: &str) -> String {
+pub(super) fn cell(text: &str) -> String {
     text.replace('|', "\\|")
 }
 

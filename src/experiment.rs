@@ -242,7 +242,10 @@ impl Experiment {
             if let Some(lat) = &self.latency {
                 self.latency_caches(scale)?;
                 if lat.steps.get(scale).unwrap_or(0) == 0 {
-                    bail!("[latency] steps must be at least 1 at scale {}", scale.name());
+                    bail!(
+                        "[latency] steps must be at least 1 at scale {}",
+                        scale.name()
+                    );
                 }
             }
         }
@@ -250,9 +253,7 @@ impl Experiment {
     }
 
     fn divisor(&self, scale: Scale) -> usize {
-        self.cache_divisor
-            .and_then(|d| d.get(scale))
-            .unwrap_or(1)
+        self.cache_divisor.and_then(|d| d.get(scale)).unwrap_or(1)
     }
 
     /// Scored tokens at `scale`, `None` for the whole selection.
@@ -388,9 +389,18 @@ mod tests {
         let cases = [
             (MINIMAL.replace("mirrors", "mirror"), "unknown field"),
             (MINIMAL.replace("sink:4+1020", "sink:4+0"), "sink:4+0"),
-            (MINIMAL.replace("quick = 8", "quick = 512"), "leaves no window"),
-            (MINIMAL.replace("reference = \"sink\"", "reference = \"x\""), "reference"),
-            (MINIMAL.replace("values = { sink", "values = { nope"), "nope"),
+            (
+                MINIMAL.replace("quick = 8", "quick = 512"),
+                "leaves no window",
+            ),
+            (
+                MINIMAL.replace("reference = \"sink\"", "reference = \"x\""),
+                "reference",
+            ),
+            (
+                MINIMAL.replace("values = { sink", "values = { nope"),
+                "nope",
+            ),
             (MINIMAL.replace("id = \"rc\"", "id = \"sink\""), "twice"),
         ];
         for (text, want) in cases {

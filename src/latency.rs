@@ -2,7 +2,7 @@
 //! sliding window with re-computation vs StreamingLLM on the token engine, plus the block
 //! engine's time per token, each with its own peak memory.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
@@ -46,19 +46,19 @@ pub struct LatencyOptions {
 
 impl LatencyOptions {
     /// Tokens the block engine times past the full cache: at least two whole blocks, so the
-    /// difference of two runs is not only the noise of one block.
+    /// difference of two runs is not only the noise of one block. (A block size of 0, which
+    /// `measure_latency` refuses, counts as 1 here so that `tokens_needed` cannot panic.)
     fn block_steps(&self) -> usize {
-        self.steps
-            .max(2 * self.block_size)
-            .div_ceil(self.block_size)
-            * self.block_size
+        let b = self.block_size.max(1);
+        self.steps.max(2 * b).div_ceil(b) * b
     }
 
-    /// Tokens needed for cache `c`: the token engine and recompute feed tokens 0..c+steps and
-    /// score the token after each (`steps` timed plus one warm-up), the block engine feeds
-    /// c + block_steps tokens and scores the token after each.
-    fn tokens_needed(&self, c: usize) -> usize {
-        c + (self.steps + 2).max(self.block_steps() + 1)
+    /// Tokens `measure_latency` needs: for the largest cache C, the token engine and
+    /// recompute feed tokens 0..C+steps and score the token after each (`steps` timed plus one
+    /// warm-up); the block engine feeds C + block_steps tokens and scores the token after each.
+    pub fn tokens_needed(&self) -> usize {
+        let largest = self.caches.iter().max().copied().unwrap_or(0);
+        largest + (self.steps + 2).max(self.block_steps() + 1)
     }
 }
 
@@ -82,9 +82,7 @@ pub fn measure_latency(
             opts.sinks
         );
     }
-    let Some(needed) = opts.caches.iter().map(|&c| opts.tokens_needed(c)).max() else {
-        return Ok(Vec::new());
-    };
+    let needed = opts.tokens_needed();
     if tokens.len() < needed {
         bail!(
             "latency needs {needed} tokens for caches up to {} and {} steps, got {}",
@@ -162,10 +160,14 @@ fn time_streaming(
     Ok((ms, steps))
 }
 
+/// Block-engine runs repeat until each length ran twice and all took at least this long.
+const BLOCK_TIMING_FLOOR: Duration = Duration::from_millis(250);
+
 /// The block engine's time per token once the cache is full: the difference of a run over
 /// C + block_steps fed tokens and one over C (which only fills the cache), over block_steps.
-/// Each run is timed as the best of two, since one preemption in either would otherwise make
-/// most of the (small) difference.
+/// The difference is a small part of either run, so one preemption could swamp it: the two
+/// runs alternate, at least twice each and until [`BLOCK_TIMING_FLOOR`] has passed (many times
+/// for a small model, twice for a real one), and the fastest of each length counts.
 fn time_block(
     model: &Llama,
     strategy: Strategy,
@@ -174,22 +176,26 @@ fn time_block(
     opts: &LatencyOptions,
 ) -> Result<(f64, usize)> {
     let extra = opts.block_steps();
-    let run_ms = |fed: usize| -> Result<f64> {
-        let stream = TokenStream::new(books, &[], Some(fed as u64));
-        let mut best = f64::INFINITY;
-        for _ in 0..2 {
-            let start = Instant::now();
-            BlockEngine::new(model, strategy, true, opts.block_size)?.run(
-                &stream,
-                &ProgressBar::hidden(),
-                None,
-            )?;
-            best = best.min(start.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(best)
+    let stream = |fed: usize| TokenStream::new(books, &[], Some(fed as u64));
+    let (fill_stream, full_stream) = (stream(cache), stream(cache + extra));
+    let run_ms = |stream: &TokenStream| -> Result<f64> {
+        let start = Instant::now();
+        BlockEngine::new(model, strategy, true, opts.block_size)?.run(
+            stream,
+            &ProgressBar::hidden(),
+            None,
+        )?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
     };
-    let fill = run_ms(cache)?;
-    let full = run_ms(cache + extra)?;
+    let (mut fill, mut full) = (f64::INFINITY, f64::INFINITY);
+    let started = Instant::now();
+    for repeat in 0.. {
+        if repeat >= 2 && started.elapsed() >= BLOCK_TIMING_FLOOR {
+            break;
+        }
+        fill = fill.min(run_ms(&fill_stream)?);
+        full = full.min(run_ms(&full_stream)?);
+    }
     Ok(((full - fill) / extra as f64, extra))
 }
 
@@ -249,7 +255,7 @@ mod tests {
         let model = random_llama(&cfg, 5, &Device::Cpu).unwrap();
         let o = opts();
         // Block engine: 8 tokens past the cache (2 blocks of 4), plus the last one scored.
-        assert_eq!(o.tokens_needed(16), 25);
+        assert_eq!(o.tokens_needed(), 25);
         let progress = ProgressBar::hidden();
         let points = measure_latency(&model, &tokens(25, cfg.vocab_size), &o, &progress).unwrap();
         assert_eq!(progress.position(), 6);

@@ -19,6 +19,6 @@ pub mod report;
 pub mod reproduce;
 pub mod runner;
 pub mod strategy;
-pub mod sweep;
 pub mod stream;
+pub mod sweep;
 pub mod tokenizer;

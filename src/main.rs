@@ -10,11 +10,11 @@ use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
 use streamppl::engine::EngineKind;
 use streamppl::eval::EvalOptions;
 use streamppl::experiment::Scale;
-use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
-use streamppl::sweep::{SweepJob, sweep};
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
+use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
 use streamppl::runner::{EvalJob, run_eval};
 use streamppl::strategy::Strategy;
+use streamppl::sweep::{SweepJob, sweep};
 
 #[derive(Parser)]
 #[command(

@@ -93,20 +93,31 @@ pub fn read_csv(path: &Path) -> Result<Vec<MemorySample>> {
         .with_context(|| format!("{}: cannot read memory log", path.display()))?;
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {
-        bail!("{}: not a streamppl memory.csv (expected the header `{HEADER}`)", path.display());
+        bail!(
+            "{}: not a streamppl memory.csv (expected the header `{HEADER}`)",
+            path.display()
+        );
     }
     lines
         .enumerate()
         .map(|(i, line)| {
             let f: Vec<&str> = line.split(',').collect();
             let parsed = (f.len() == 3)
-                .then(|| Some(MemorySample {
-                    seconds: f[0].parse().ok()?,
-                    tokens: f[1].parse().ok()?,
-                    rss_mib: f[2].parse().ok()?,
-                }))
+                .then(|| {
+                    Some(MemorySample {
+                        seconds: f[0].parse().ok()?,
+                        tokens: f[1].parse().ok()?,
+                        rss_mib: f[2].parse().ok()?,
+                    })
+                })
                 .flatten();
-            parsed.with_context(|| format!("{}: line {}: expected seconds,tokens,rss_mib", path.display(), i + 2))
+            parsed.with_context(|| {
+                format!(
+                    "{}: line {}: expected seconds,tokens,rss_mib",
+                    path.display(),
+                    i + 2
+                )
+            })
         })
         .collect()
 }

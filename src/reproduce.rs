@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{fingerprint, stream_for};
+use crate::eval::{EvalOptions, fingerprint, stream_for};
 use crate::experiment::{Experiment, Kind, Scale};
 use crate::latency::{LatencyOptions, LatencyPoint, measure_latency};
 use crate::nll_log::{RunRecord, Versions};
@@ -22,6 +22,7 @@ use crate::runner::{
     LoadedModel, discard_run, load_model, load_tokenized, now_rfc3339, progress_bar, run_one,
     versions,
 };
+use crate::strategy::Strategy;
 
 /// `experiment.json`: the definition as run, and where its results are. Tables, figures and
 /// REPRODUCTION.md are regenerated from it and the run folders, never from memory.
@@ -108,7 +109,10 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
             let path = job.experiments.join(format!("{name}.toml"));
             if !path.is_file() {
                 let known = all_names(&job.experiments).unwrap_or_default().join(", ");
-                bail!("unknown experiment `{name}`: no {}; known: {known}, or all", path.display());
+                bail!(
+                    "unknown experiment `{name}`: no {}; known: {known}, or all",
+                    path.display()
+                );
             }
             Experiment::load(&path)
         })
@@ -117,7 +121,13 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
     for exp in &experiments {
         let dir = out_dir(job, &exp.name);
-        eprintln!("== {} ({}, scale {}) -> {}", exp.name, exp.mirrors, job.scale.name(), dir.display());
+        eprintln!(
+            "== {} ({}, scale {}) -> {}",
+            exp.name,
+            exp.mirrors,
+            job.scale.name(),
+            dir.display()
+        );
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
         let (runs, latency) = match exp.kind {
@@ -163,7 +173,14 @@ fn run_experiment(
             let fp = fingerprint(&run.options, &lm.info.sha256, &stream);
             reuse_finished(&run_dir, &fp, dir.parent())?;
         }
-        run_one(lm, &corpus, &job.corpus, &run.options, &run_dir, job.checkpoint_every)?;
+        run_one(
+            lm,
+            &corpus,
+            &job.corpus,
+            &run.options,
+            &run_dir,
+            job.checkpoint_every,
+        )?;
         entries.push(RunEntry {
             id: run.id.clone(),
             dir: name,
@@ -202,16 +219,19 @@ fn reuse_finished(run_dir: &Path, fp: &str, parent: Option<&Path>) -> Result<()>
     for file in RUN_FILES {
         let from = source.join(file);
         if from.is_file() {
-            std::fs::copy(&from, run_dir.join(file)).with_context(|| {
-                format!("copying {} to {}", from.display(), run_dir.display())
-            })?;
+            std::fs::copy(&from, run_dir.join(file))
+                .with_context(|| format!("copying {} to {}", from.display(), run_dir.display()))?;
         }
     }
     eprintln!("   reused {} (same configuration)", source.display());
     Ok(())
 }
 
-fn run_latency(lm: &LoadedModel, exp: &Experiment, job: &ReproduceJob) -> Result<Vec<LatencyPoint>> {
+fn run_latency(
+    lm: &LoadedModel,
+    exp: &Experiment,
+    job: &ReproduceJob,
+) -> Result<Vec<LatencyPoint>> {
     let Some(def) = &exp.latency else {
         bail!("{}: kind = \"latency\" needs a [latency] table", exp.name);
     };
@@ -223,13 +243,16 @@ fn run_latency(lm: &LoadedModel, exp: &Experiment, job: &ReproduceJob) -> Result
         steps,
         block_size: crate::eval::DEFAULT_BLOCK_SIZE,
     };
-    // Enough text for the largest cache plus the timed tokens (the block engine's differential
-    // timing needs at least two blocks past the cache).
-    let need = caches.iter().max().copied().unwrap_or(0) + steps.max(2 * opts.block_size) + 2;
-    let corpus = load_tokenized(lm, &job.corpus, None, &[crate::eval::EvalOptions {
-        max_tokens: Some(need as u64),
-        ..crate::eval::EvalOptions::new(crate::strategy::Strategy::Dense)
-    }])?;
+    let need = opts.tokens_needed();
+    let corpus = load_tokenized(
+        lm,
+        &job.corpus,
+        None,
+        &[EvalOptions {
+            max_tokens: Some(need as u64),
+            ..EvalOptions::new(Strategy::Dense)
+        }],
+    )?;
     let tokens: Vec<u32> = corpus.ids.concat().into_iter().take(need).collect();
     let bar = progress_bar(3 * caches.len() as u64, "latency", "measurements");
     let points = measure_latency(&lm.model, &tokens, &opts, &bar)?;

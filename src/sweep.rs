@@ -59,7 +59,9 @@ pub fn cell_strategy(sinks: usize, window: usize) -> Strategy {
 /// Runs every cell (sinks-major order), then writes the grid files; returns `grid.md`'s path.
 pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
     if job.sinks.is_empty() || job.windows.is_empty() {
-        bail!("--sinks and --windows each need at least one value, e.g. --sinks 0,4 --windows 252,1020");
+        bail!(
+            "--sinks and --windows each need at least one value, e.g. --sinks 0,4 --windows 252,1020"
+        );
     }
     if let Some(w) = job.windows.iter().find(|&&w| w == 0) {
         bail!("--windows {w}: a window must be at least 1 token");
@@ -86,7 +88,9 @@ pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
         }
         eprintln!("cell {}/{}: {}", i + 1, opts.len(), o.strategy);
         let rec = run_one(&lm, &corpus, &job.corpus, o, &dir, job.checkpoint_every)?;
-        let Strategy::Sink { sinks, window } = o.strategy else { unreachable!("sweep cells are sink strategies") };
+        let Strategy::Sink { sinks, window } = o.strategy else {
+            unreachable!("sweep cells are sink strategies")
+        };
         cells.push(SweepCell {
             sinks,
             window,
@@ -123,7 +127,11 @@ pub fn render_sweep(dir: &Path) -> Result<PathBuf> {
     let mut cells = Vec::new();
     for c in &rec.cells {
         let run = RunRecord::read_json(&dir.join(&c.dir).join("run.json"))?;
-        cells.push(HeatmapCell { sinks: c.sinks, window: c.window, ppl: run.ppl });
+        cells.push(HeatmapCell {
+            sinks: c.sinks,
+            window: c.window,
+            ppl: run.ppl,
+        });
     }
     let best = cells.iter().map(|c| c.ppl).fold(f64::INFINITY, f64::min);
     let tokens = rec.cells.first().map_or(0, |c| c.tokens_scored);
@@ -142,8 +150,12 @@ pub fn render_sweep(dir: &Path) -> Result<PathBuf> {
         let _ = write!(md, "| {s} |");
         for w in &rec.windows {
             match cells.iter().find(|c| c.sinks == *s && c.window == *w) {
-                Some(c) if c.ppl == best => { let _ = write!(md, " **{:.2}** |", c.ppl); }
-                Some(c) => { let _ = write!(md, " {:.2} |", c.ppl); }
+                Some(c) if c.ppl == best => {
+                    let _ = write!(md, " **{:.2}** |", c.ppl);
+                }
+                Some(c) => {
+                    let _ = write!(md, " {:.2} |", c.ppl);
+                }
                 None => md.push_str(" – |"),
             }
         }
@@ -152,6 +164,10 @@ pub fn render_sweep(dir: &Path) -> Result<PathBuf> {
     md.push_str("\n![heatmap](heatmap.png)\n");
     let grid = dir.join("grid.md");
     std::fs::write(&grid, md).with_context(|| format!("{}: cannot write", grid.display()))?;
-    plot_heatmap(&cells, &dir.join("heatmap.png"), &format!("PPL, sinks x window ({tokens} tokens)"))?;
+    plot_heatmap(
+        &cells,
+        &dir.join("heatmap.png"),
+        &format!("PPL, sinks x window ({tokens} tokens)"),
+    )?;
     Ok(grid)
 }

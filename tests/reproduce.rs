@@ -17,7 +17,9 @@ fn defaults() -> Option<(String, String)> {
     if model.is_file() && corpus.is_file() {
         Some((model.display().to_string(), corpus.display().to_string()))
     } else {
-        eprintln!("\n!!! SKIPPED: the default model/corpus are missing; run scripts/fetch-defaults.sh !!!\n");
+        eprintln!(
+            "\n!!! SKIPPED: the default model/corpus are missing; run scripts/fetch-defaults.sh !!!\n"
+        );
         None
     }
 }
@@ -49,21 +51,47 @@ fn read(path: &Path) -> String {
 
 fn assert_figure(dir: &Path, png: &str) {
     let p = dir.join(png);
-    assert!(std::fs::metadata(&p).is_ok_and(|m| m.len() > 5_000), "{} missing or empty", p.display());
-    assert!(p.with_extension("svg").is_file(), "{} has no SVG", p.display());
+    assert!(
+        std::fs::metadata(&p).is_ok_and(|m| m.len() > 5_000),
+        "{} missing or empty",
+        p.display()
+    );
+    assert!(
+        p.with_extension("svg").is_file(),
+        "{} has no SVG",
+        p.display()
+    );
 }
 
 /// Every experiment at quick scale: the outputs' shapes, the paper's numbers beside ours, a
 /// second invocation that computes nothing, and the report that gathers them.
 #[test]
 fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
-    let Some((model, corpus)) = defaults() else { return };
+    let Some((model, corpus)) = defaults() else {
+        return;
+    };
     let out = tmp("all");
     let out_s = out.to_str().unwrap();
-    let args = ["reproduce", "all", "--scale", "quick", "--out", out_s, "--model", &model, "--corpus", &corpus];
+    let args = [
+        "reproduce",
+        "all",
+        "--scale",
+        "quick",
+        "--out",
+        out_s,
+        "--model",
+        &model,
+        "--corpus",
+        &corpus,
+    ];
     streamppl(&args);
     let names = streamppl::reproduce::all_names(&root().join("experiments")).unwrap();
-    assert_eq!(names, ["ablation", "figure10", "figure3", "figure5", "table1", "table2", "table6"]);
+    assert_eq!(
+        names,
+        [
+            "ablation", "figure10", "figure3", "figure5", "table1", "table2", "table6"
+        ]
+    );
     for name in &names {
         let dir = out.join(name);
         let rec = ExperimentRecord::read(&dir).unwrap();
@@ -71,24 +99,50 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
         assert_eq!(rec.runs.len(), rec.experiment.runs.len(), "{name}");
         for run in &rec.runs {
             let r = RunRecord::read_json(&dir.join(&run.dir).join("run.json")).unwrap();
-            assert!(r.ppl.is_finite() && r.ppl > 1.0, "{name}/{}: {}", run.id, r.ppl);
-            assert!(table.contains(&format!("| {} |", run.id.replace('|', "\\|"))), "{name}: no row for {}:\n{table}", run.id);
+            assert!(
+                r.ppl.is_finite() && r.ppl > 1.0,
+                "{name}/{}: {}",
+                run.id,
+                r.ppl
+            );
+            assert!(
+                table.contains(&format!("| {} |", run.id.replace('|', "\\|"))),
+                "{name}: no row for {}:\n{table}",
+                run.id
+            );
             assert!(dir.join(&run.dir).join("memory.csv").is_file());
         }
     }
     // Paper numbers side by side, the recompute sample labelled, cache shrunk 8x at quick scale.
     let t1 = read(&out.join("table1/table.md"));
-    for want in ["paper: Llama-2-13B (Table 1)", "5158.07", "(sample, 95%", "on the same tokens", "Window 128"] {
+    for want in [
+        "paper: Llama-2-13B (Table 1)",
+        "5158.07",
+        "(sample, 95%",
+        "on the same tokens",
+        "Window 128",
+    ] {
         assert!(t1.contains(want), "table1 lacks `{want}`:\n{t1}");
     }
     assert!(read(&out.join("figure3/table.md")).contains("departs from `4+4092`"));
     assert!(read(&out.join("table1/table.md")).contains("`0+1024` at token"));
-    for (name, png) in [("table1", "running_ppl.png"), ("table2", "running_ppl.png"), ("figure3", "running_ppl.png"), ("figure10", "latency.png"), ("figure5", "long_stream_sink_4_124.png")] {
+    for (name, png) in [
+        ("table1", "running_ppl.png"),
+        ("table2", "running_ppl.png"),
+        ("figure3", "running_ppl.png"),
+        ("figure10", "latency.png"),
+        ("figure5", "long_stream_sink_4_124.png"),
+    ] {
         assert_figure(&out.join(name), png);
     }
-    let lat = ExperimentRecord::read(&out.join("figure10")).unwrap().latency;
+    let lat = ExperimentRecord::read(&out.join("figure10"))
+        .unwrap()
+        .latency;
     assert_eq!(lat.len(), 3 * 5, "{lat:?}");
-    assert!(lat.iter().all(|p| p.ms_per_token > 0.0 && p.ms_per_token.is_finite()));
+    assert!(
+        lat.iter()
+            .all(|p| p.ms_per_token > 0.0 && p.ms_per_token.is_finite())
+    );
     // Shared runs are copied, not recomputed: table6's 4+2044 is table2's.
     let nll = |p: &str| NllLog::read_parquet(&out.join(p).join("nll.parquet")).unwrap();
     assert_eq!(nll("table6/sink:4+252"), nll("table2/sink:4+252"));
@@ -97,18 +151,31 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
     let again = streamppl(&args);
     let said = String::from_utf8_lossy(&again.stderr);
     let done = said.matches("already done").count();
-    let runs: usize = names.iter().map(|n| ExperimentRecord::read(&out.join(n)).unwrap().runs.len()).sum();
+    let runs: usize = names
+        .iter()
+        .map(|n| ExperimentRecord::read(&out.join(n)).unwrap().runs.len())
+        .sum();
     assert_eq!(done, runs, "{said}");
     assert!(!said.contains("tok/s"), "a run was recomputed:\n{said}");
 
     streamppl(&["report", out_s]);
     let report = read(&out.join("REPRODUCTION.md"));
     for name in &names {
-        assert!(report.contains(&format!("## {name} (")), "no section for {name}");
+        assert!(
+            report.contains(&format!("## {name} (")),
+            "no section for {name}"
+        );
     }
     assert_eq!(report.matches("**Reading.**").count(), names.len());
-    for link in report.split("](").skip(1).filter_map(|s| s.split(')').next()) {
-        assert!(out.join(link).is_file(), "REPRODUCTION.md links a missing {link}");
+    for link in report
+        .split("](")
+        .skip(1)
+        .filter_map(|s| s.split(')').next())
+    {
+        assert!(
+            out.join(link).is_file(),
+            "REPRODUCTION.md links a missing {link}"
+        );
     }
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -122,7 +189,10 @@ fn unknown_experiment_is_a_one_line_error_listing_the_known_ones() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("unknown experiment `table99`") && err.contains("table2"), "{err}");
+    assert!(
+        err.contains("unknown experiment `table99`") && err.contains("table2"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
@@ -130,14 +200,36 @@ fn unknown_experiment_is_a_one_line_error_listing_the_known_ones() {
 /// with NLLs identical to an uninterrupted sweep's.
 #[test]
 fn a_killed_sweep_redoes_only_the_unfinished_cell_to_the_same_numbers() {
-    let Some((model, corpus)) = defaults() else { return };
+    let Some((model, corpus)) = defaults() else {
+        return;
+    };
     let args = |out: &Path| -> Vec<String> {
-        ["sweep", "--sinks", "0,4", "--windows", "60,124", "--max-tokens", "1500", "--checkpoint-every", "0", "--model", &model, "--corpus", &corpus, "--out", out.to_str().unwrap()]
-            .map(String::from)
-            .to_vec()
+        [
+            "sweep",
+            "--sinks",
+            "0,4",
+            "--windows",
+            "60,124",
+            "--max-tokens",
+            "1500",
+            "--checkpoint-every",
+            "0",
+            "--model",
+            &model,
+            "--corpus",
+            &corpus,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let (killed, fresh) = (tmp("sweep-killed"), tmp("sweep-fresh"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_streamppl")).current_dir(root()).args(args(&killed)).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamppl"))
+        .current_dir(root())
+        .args(args(&killed))
+        .spawn()
+        .unwrap();
     let third = killed.join("sink:4+60/checkpoint/state.json");
     let start = std::time::Instant::now();
     while !third.is_file() && start.elapsed().as_secs() < 300 {
@@ -146,23 +238,41 @@ fn a_killed_sweep_redoes_only_the_unfinished_cell_to_the_same_numbers() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(third.is_file(), "the third cell never checkpointed");
-    assert!(!killed.join("sink:4+60/run.json").is_file(), "the third cell finished before the kill");
-    let finished_at = |d: &Path| RunRecord::read_json(&d.join("window:60/run.json")).unwrap().finished_at;
+    assert!(
+        !killed.join("sink:4+60/run.json").is_file(),
+        "the third cell finished before the kill"
+    );
+    let finished_at = |d: &Path| {
+        RunRecord::read_json(&d.join("window:60/run.json"))
+            .unwrap()
+            .finished_at
+    };
     let before = finished_at(&killed);
 
     let resumed = streamppl(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
     let said = String::from_utf8_lossy(&resumed.stderr);
     assert_eq!(said.matches("already done").count(), 2, "{said}");
     assert!(said.contains("resuming from"), "{said}");
-    assert_eq!(finished_at(&killed), before, "a finished cell was recomputed");
+    assert_eq!(
+        finished_at(&killed),
+        before,
+        "a finished cell was recomputed"
+    );
 
     streamppl(&args(&fresh).iter().map(String::as_str).collect::<Vec<_>>());
     for cell in ["window:60", "window:124", "sink:4+60", "sink:4+124"] {
         let nll = |d: &Path| NllLog::read_parquet(&d.join(cell).join("nll.parquet")).unwrap();
-        assert_eq!(nll(&killed), nll(&fresh), "{cell} differs from the uninterrupted sweep");
+        assert_eq!(
+            nll(&killed),
+            nll(&fresh),
+            "{cell} differs from the uninterrupted sweep"
+        );
     }
     let grid = read(&killed.join("grid.md"));
-    assert_eq!(grid, read(&fresh.join("grid.md")).replace(fresh.to_str().unwrap(), killed.to_str().unwrap()));
+    assert_eq!(
+        grid,
+        read(&fresh.join("grid.md")).replace(fresh.to_str().unwrap(), killed.to_str().unwrap())
+    );
     assert!(grid.contains("| 4 |") && grid.contains("**"), "{grid}");
     assert!(killed.join("heatmap.png").is_file() && killed.join("heatmap.svg").is_file());
     let _ = std::fs::remove_dir_all(&killed);

@@ -42,7 +42,7 @@ pub fn render_experiment(dir: &Path) -> Result<String> {
             (runs_table(&rec, &runs), runs_reading(&rec, &runs))
         }
         Kind::Latency => {
-            if exp.plots.contains(&Plot::Latency) {
+            if exp.plots.contains(&Plot::Latency) && !rec.latency.is_empty() {
                 let png = dir.join("latency.png");
                 plot_latency(&rec.latency, &png, &exp.title)?;
                 figures.push("latency.png".to_string());
@@ -58,10 +58,16 @@ pub fn render_experiment(dir: &Path) -> Result<String> {
         rec.threads,
         rec.finished_at
     );
-    let file = format!("# {}\n\n{}\n\n{header}{table}\n{reading}\n", exp.title, exp.description);
+    let file = format!(
+        "# {}\n\n{}\n\n{header}{table}\n{reading}\n",
+        exp.title, exp.description
+    );
     std::fs::write(dir.join("table.md"), &file)
         .with_context(|| format!("{}: cannot write table.md", dir.display()))?;
-    let mut section = format!("## {} ({})\n\n{}\n\n{header}{table}\n", exp.name, exp.mirrors, exp.title);
+    let mut section = format!(
+        "## {} ({})\n\n{}\n\n{header}{table}\n",
+        exp.name, exp.mirrors, exp.title
+    );
     for f in &figures {
         let _ = writeln!(section, "![{}]({f})\n", exp.name);
     }
@@ -95,7 +101,12 @@ fn load(dir: &Path, rec: &ExperimentRecord) -> Result<Vec<LoadedRun>> {
 }
 
 fn draw(dir: &Path, rec: &ExperimentRecord, plot: Plot, runs: &[LoadedRun]) -> Result<Vec<String>> {
-    let title = format!("{} ({}, scale {})", rec.experiment.mirrors, file_name(&rec.model), rec.scale.name());
+    let title = format!(
+        "{} ({}, scale {})",
+        rec.experiment.mirrors,
+        file_name(&rec.model),
+        rec.scale.name()
+    );
     Ok(match plot {
         Plot::RunningPpl => {
             let all: Vec<Run> = runs.iter().map(|r| r.run.clone()).collect();
@@ -106,8 +117,22 @@ fn draw(dir: &Path, rec: &ExperimentRecord, plot: Plot, runs: &[LoadedRun]) -> R
             let mut out = Vec::new();
             for r in runs {
                 let memory = read_csv(&r.run.dir.join("memory.csv")).unwrap_or_default();
-                let name = format!("long_stream_{}.png", r.run.dir.file_name().unwrap_or_default().to_string_lossy().replace([':', '+', '@'], "_"));
-                plot_long_stream(&r.log, &memory, PPL_WINDOW, &dir.join(&name), &format!("{title}: {}", r.run.record.label))?;
+                let name = format!(
+                    "long_stream_{}.png",
+                    r.run
+                        .dir
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .replace([':', '+', '@'], "_")
+                );
+                plot_long_stream(
+                    &r.log,
+                    &memory,
+                    PPL_WINDOW,
+                    &dir.join(&name),
+                    &format!("{title}: {}", r.run.record.label),
+                )?;
                 out.push(name);
             }
             out
@@ -118,7 +143,11 @@ fn draw(dir: &Path, rec: &ExperimentRecord, plot: Plot, runs: &[LoadedRun]) -> R
 
 /// Whether a run scored only a sample of its tokens (`--score-every`).
 fn sampled(r: &RunRecord) -> bool {
-    r.approximate && !r.strategy.parse::<Strategy>().is_ok_and(|s| s.is_approximate())
+    r.approximate
+        && !r
+            .strategy
+            .parse::<Strategy>()
+            .is_ok_and(|s| s.is_approximate())
 }
 
 fn ci95(r: &RunRecord) -> (f64, f64) {
@@ -127,9 +156,7 @@ fn ci95(r: &RunRecord) -> (f64, f64) {
     ((mean - 1.96 * se).exp(), (mean + 1.96 * se).exp())
 }
 
-fn fmt_ppl(v: f64) -> String {
-    if v >= 1000.0 { format!("{v:.1}") } else { format!("{v:.2}") }
-}
+use super::figures::fmt_ppl;
 
 fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
     let paper = &rec.experiment.paper;
@@ -144,11 +171,22 @@ fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
         let rr = &r.run.record;
         let ppl = if sampled(rr) {
             let (lo, hi) = ci95(rr);
-            format!("{} (sample, 95% {}–{})", fmt_ppl(rr.ppl), fmt_ppl(lo), fmt_ppl(hi))
+            format!(
+                "{} (sample, 95% {}–{})",
+                fmt_ppl(rr.ppl),
+                fmt_ppl(lo),
+                fmt_ppl(hi)
+            )
         } else {
             fmt_ppl(rr.ppl)
         };
-        let _ = write!(out, "| {} | {} | {} | {ppl} |", cell(&r.id), cell(&rr.label), rr.tokens_scored);
+        let _ = write!(
+            out,
+            "| {} | {} | {} | {ppl} |",
+            cell(&r.id),
+            cell(&rr.label),
+            rr.tokens_scored
+        );
         for p in paper {
             let v = p.values.get(&r.id).map_or("".into(), |v| format!("{v:.2}"));
             let _ = write!(out, " {v} |");
@@ -156,7 +194,12 @@ fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
         out.push('\n');
     }
     for p in paper.iter().filter(|p| p.note.is_some()) {
-        let _ = writeln!(out, "\n- Paper, {}: {}", p.model, p.note.as_deref().unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "\n- Paper, {}: {}",
+            p.model,
+            p.note.as_deref().unwrap_or_default()
+        );
     }
     for r in runs.iter().filter(|r| sampled(&r.run.record)) {
         let _ = writeln!(out, "\n- {}", paired_sentence(r, runs));
@@ -168,18 +211,35 @@ fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
 fn paired_sentence(sample: &LoadedRun, runs: &[LoadedRun]) -> String {
     let rr = &sample.run.record;
     let (lo, hi) = ci95(rr);
-    let positions: std::collections::HashSet<u64> = sample.log.records.iter().map(|r| r.position).collect();
+    let positions: std::collections::HashSet<u64> =
+        sample.log.records.iter().map(|r| r.position).collect();
     let others: Vec<String> = runs
         .iter()
         .filter(|o| !o.run.record.approximate)
         .filter_map(|o| {
-            let on: Vec<f64> = o.log.records.iter().filter(|r| positions.contains(&r.position)).map(|r| r.nll as f64).collect();
-            (on.len() == positions.len()).then(|| format!("{} {}", o.id, fmt_ppl((on.iter().sum::<f64>() / on.len() as f64).exp())))
+            let on: Vec<f64> = o
+                .log
+                .records
+                .iter()
+                .filter(|r| positions.contains(&r.position))
+                .map(|r| r.nll as f64)
+                .collect();
+            (on.len() == positions.len()).then(|| {
+                format!(
+                    "{} {}",
+                    o.id,
+                    fmt_ppl((on.iter().sum::<f64>() / on.len() as f64).exp())
+                )
+            })
         })
         .collect();
     let mut s = format!(
         "`{}` is a sample: {} tokens scored exactly, PPL {} (95% interval {}–{})",
-        sample.id, rr.tokens_scored, fmt_ppl(rr.ppl), fmt_ppl(lo), fmt_ppl(hi)
+        sample.id,
+        rr.tokens_scored,
+        fmt_ppl(rr.ppl),
+        fmt_ppl(lo),
+        fmt_ppl(hi)
     );
     if !others.is_empty() {
         let _ = write!(s, "; on the same tokens: {}", others.join(", "));
@@ -206,13 +266,20 @@ pub fn windowed_ppl(log: &NllLog, window: usize) -> Vec<f64> {
 /// token (once a whole window is in) where its windowed PPL is `DEPARTURE_RATIO` times the
 /// reference's, or `None` if it never is.
 fn departures(rec: &ExperimentRecord, runs: &[LoadedRun]) -> Vec<(String, Option<u64>)> {
-    let Some(reference) = rec.experiment.reference.as_ref().and_then(|id| runs.iter().find(|r| &r.id == id)) else {
+    let Some(reference) = rec
+        .experiment
+        .reference
+        .as_ref()
+        .and_then(|id| runs.iter().find(|r| &r.id == id))
+    else {
         return Vec::new();
     };
     let window = PPL_WINDOW.min(reference.log.len() / 4).max(1);
     let base = windowed_ppl(&reference.log, window);
     runs.iter()
-        .filter(|r| r.id != reference.id && !r.run.record.approximate && r.log.len() == reference.log.len())
+        .filter(|r| {
+            r.id != reference.id && !r.run.record.approximate && r.log.len() == reference.log.len()
+        })
         .map(|r| {
             let w = windowed_ppl(&r.log, window);
             let at = (window - 1..w.len())
@@ -242,8 +309,13 @@ fn runs_reading(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
     }
     // Window attention against the same cache with sinks.
     let strategy = |r: &LoadedRun| r.run.record.strategy.parse::<Strategy>().ok();
-    for w in exact.iter().filter(|r| matches!(strategy(r), Some(Strategy::Sink { sinks: 0, .. })) && r.run.record.label.find("no pos").is_none()) {
-        let Some(Strategy::Sink { window, .. }) = strategy(w) else { continue };
+    for w in exact.iter().filter(|r| {
+        matches!(strategy(r), Some(Strategy::Sink { sinks: 0, .. }))
+            && r.run.record.label.find("no pos").is_none()
+    }) {
+        let Some(Strategy::Sink { window, .. }) = strategy(w) else {
+            continue;
+        };
         let with_sinks: Vec<String> = exact
             .iter()
             .filter(|r| matches!(strategy(r), Some(Strategy::Sink { sinks, window: ww }) if sinks > 0 && sinks + ww == window))
@@ -262,7 +334,11 @@ fn runs_reading(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
     for p in &rec.experiment.paper {
         let ours: Vec<(&str, f64, f64)> = runs
             .iter()
-            .filter_map(|r| p.values.get(&r.id).map(|v| (r.id.as_str(), r.run.record.ppl, *v)))
+            .filter_map(|r| {
+                p.values
+                    .get(&r.id)
+                    .map(|v| (r.id.as_str(), r.run.record.ppl, *v))
+            })
             .collect();
         let (agree, pairs) = pairwise_agreement(&ours);
         if pairs > 0 {
@@ -272,7 +348,9 @@ fn runs_reading(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
             ));
         }
     }
-    let context = runs.first().map_or(0, |r| r.run.record.model.trained_context as u64);
+    let context = runs
+        .first()
+        .map_or(0, |r| r.run.record.model.trained_context as u64);
     let departures = departures(rec, runs);
     if !departures.is_empty() {
         let reference = rec.experiment.reference.as_deref().unwrap_or_default();
@@ -322,16 +400,34 @@ fn long_stream_sentence(r: &LoadedRun) -> String {
     let rr = &r.run.record;
     let w = windowed_ppl(&r.log, PPL_WINDOW);
     let half = &w[w.len() / 2..];
-    let (lo, hi) = half.iter().fold((f64::INFINITY, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
+    let (lo, hi) = half
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
     let memory = read_csv(&r.run.dir.join("memory.csv")).unwrap_or_default();
     let mut s = format!(
         "`{}` streams {} tokens over {} books at PPL {}; in the second half its {PPL_WINDOW}-token windowed PPL stays within {}–{}.",
-        r.id, rr.tokens_scored, rr.books_scored, fmt_ppl(rr.ppl), fmt_ppl(lo), fmt_ppl(hi)
+        r.id,
+        rr.tokens_scored,
+        rr.books_scored,
+        fmt_ppl(rr.ppl),
+        fmt_ppl(lo),
+        fmt_ppl(hi)
     );
     // Memory once the model and first buffers are in: from the first tenth of the run on.
-    let settled: Vec<f64> = memory.iter().filter(|m| m.tokens >= rr.tokens_scored / 10).map(|m| m.rss_mib).collect();
-    if let (Some(min), Some(max)) = (settled.iter().copied().reduce(f64::min), settled.iter().copied().reduce(f64::max)) {
-        let _ = write!(s, " Resident memory stays between {min:.0} and {max:.0} MiB ({} samples after the first 10% of tokens).", settled.len());
+    let settled: Vec<f64> = memory
+        .iter()
+        .filter(|m| m.tokens >= rr.tokens_scored / 10)
+        .map(|m| m.rss_mib)
+        .collect();
+    if let (Some(min), Some(max)) = (
+        settled.iter().copied().reduce(f64::min),
+        settled.iter().copied().reduce(f64::max),
+    ) {
+        let _ = write!(
+            s,
+            " Resident memory stays between {min:.0} and {max:.0} MiB ({} samples after the first 10% of tokens).",
+            settled.len()
+        );
     }
     s
 }
@@ -348,9 +444,15 @@ fn latency_table(rec: &ExperimentRecord) -> String {
     caches.dedup();
     let get = |m: &str, c: usize| pts.iter().find(|p| p.method == m && p.cache == c);
     let paper = rec.experiment.paper.first();
-    let mut out = String::from("| cache | re-computation ms/token | StreamingLLM (token engine) ms/token | speed-up | block engine ms/token | peak RSS MiB (recompute / streaming / block) |");
+    let mut out = String::from(
+        "| cache | re-computation ms/token | StreamingLLM (token engine) ms/token | speed-up | block engine ms/token | peak RSS MiB (recompute / streaming / block) |",
+    );
     if let Some(p) = paper {
-        let _ = write!(out, " paper {}: re-computation / StreamingLLM ms |", cell(&p.model));
+        let _ = write!(
+            out,
+            " paper {}: re-computation / StreamingLLM ms |",
+            cell(&p.model)
+        );
     }
     out.push_str("\n|---:|---:|---:|---:|---:|---:|");
     if paper.is_some() {
@@ -358,20 +460,47 @@ fn latency_table(rec: &ExperimentRecord) -> String {
     }
     out.push('\n');
     let ms = |p: Option<&LatencyPoint>| p.map_or("".into(), |p| format!("{:.1}", p.ms_per_token));
-    let rss = |p: Option<&LatencyPoint>| p.and_then(|p| p.peak_rss_mib).map_or("–".into(), |v| format!("{v:.0}"));
+    let rss = |p: Option<&LatencyPoint>| {
+        p.and_then(|p| p.peak_rss_mib)
+            .map_or("–".into(), |v| format!("{v:.0}"))
+    };
     for c in caches {
         let (r, s, b) = (get("recompute", c), get("streaming", c), get("block", c));
         let speedup = match (r, s) {
             (Some(r), Some(s)) => format!("{:.1}x", r.ms_per_token / s.ms_per_token),
             _ => String::new(),
         };
-        let _ = write!(out, "| {c} | {} | {} | {speedup} | {} | {} / {} / {} |", ms(r), ms(s), ms(b), rss(r), rss(s), rss(b));
+        let _ = write!(
+            out,
+            "| {c} | {} | {} | {speedup} | {} | {} / {} / {} |",
+            ms(r),
+            ms(s),
+            ms(b),
+            rss(r),
+            rss(s),
+            rss(b)
+        );
         if let Some(p) = paper {
             // The paper's cache sizes, which a cache_divisor may have shrunk.
-            let div = rec.experiment.latency.as_ref().and_then(|l| l.caches.iter().find(|&&pc| {
-                rec.experiment.cache_divisor.and_then(|d| d.get(rec.scale)).map_or(pc == c, |d| pc / d == c)
-            })).copied().unwrap_or(c);
-            let v = |m: &str| p.values.get(&format!("{m}@{div}")).map_or("–".into(), |v| format!("{v:.0}"));
+            let div = rec
+                .experiment
+                .latency
+                .as_ref()
+                .and_then(|l| {
+                    l.caches.iter().find(|&&pc| {
+                        rec.experiment
+                            .cache_divisor
+                            .and_then(|d| d.get(rec.scale))
+                            .map_or(pc == c, |d| pc / d == c)
+                    })
+                })
+                .copied()
+                .unwrap_or(c);
+            let v = |m: &str| {
+                p.values
+                    .get(&format!("{m}@{div}"))
+                    .map_or("–".into(), |v| format!("{v:.0}"))
+            };
             let _ = write!(out, " {} / {} |", v("recompute"), v("streaming"));
         }
         out.push('\n');
@@ -384,18 +513,35 @@ fn latency_table(rec: &ExperimentRecord) -> String {
 
 fn latency_reading(rec: &ExperimentRecord) -> String {
     let pts = &rec.latency;
-    let (r, s, b) = (method(pts, "recompute"), method(pts, "streaming"), method(pts, "block"));
-    let (Some(r_last), Some(s_last), Some(r_first), Some(s_first)) = (r.last(), s.last(), r.first(), s.first()) else {
+    let (r, s, b) = (
+        method(pts, "recompute"),
+        method(pts, "streaming"),
+        method(pts, "block"),
+    );
+    let (Some(r_last), Some(s_last), Some(r_first), Some(s_first)) =
+        (r.last(), s.last(), r.first(), s.first())
+    else {
         return "No measurements.".into();
     };
     let mut out = format!(
         "Re-computation grows from {:.1} to {:.1} ms per token between caches {} and {} ({:.1}x), StreamingLLM on the token engine from {:.1} to {:.1} ms ({:.1}x): at cache {} re-computation is {:.1}x slower.",
-        r_first.ms_per_token, r_last.ms_per_token, r_first.cache, r_last.cache, r_last.ms_per_token / r_first.ms_per_token,
-        s_first.ms_per_token, s_last.ms_per_token, s_last.ms_per_token / s_first.ms_per_token,
-        r_last.cache, r_last.ms_per_token / s_last.ms_per_token
+        r_first.ms_per_token,
+        r_last.ms_per_token,
+        r_first.cache,
+        r_last.cache,
+        r_last.ms_per_token / r_first.ms_per_token,
+        s_first.ms_per_token,
+        s_last.ms_per_token,
+        s_last.ms_per_token / s_first.ms_per_token,
+        r_last.cache,
+        r_last.ms_per_token / s_last.ms_per_token
     );
     if let (Some(bf), Some(bl)) = (b.first(), b.last()) {
-        let _ = write!(out, " The block engine needs {:.1} to {:.1} ms per token for the same strategy.", bf.ms_per_token, bl.ms_per_token);
+        let _ = write!(
+            out,
+            " The block engine needs {:.1} to {:.1} ms per token for the same strategy.",
+            bf.ms_per_token, bl.ms_per_token
+        );
     }
     out.push_str(" The paper reports 22.2x for Llama-2-13B at cache 4096 on a GPU.");
     out
@@ -407,7 +553,10 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
     let mut dirs = Vec::new();
     find_experiments(results, 2, &mut dirs)?;
     if dirs.is_empty() {
-        anyhow::bail!("{}: holds no experiment (no {RECORD}); run `streamppl reproduce` first", results.display());
+        anyhow::bail!(
+            "{}: holds no experiment (no {RECORD}); run `streamppl reproduce` first",
+            results.display()
+        );
     }
     dirs.sort();
     let mut md = String::from(
@@ -450,7 +599,16 @@ mod tests {
 
     fn log(nll: &[f32]) -> NllLog {
         NllLog {
-            records: nll.iter().enumerate().map(|(i, &nll)| NllRecord { position: i as u64, book: 0, token_id: 1, nll }).collect(),
+            records: nll
+                .iter()
+                .enumerate()
+                .map(|(i, &nll)| NllRecord {
+                    position: i as u64,
+                    book: 0,
+                    token_id: 1,
+                    nll,
+                })
+                .collect(),
         }
     }
 

@@ -8,13 +8,15 @@ use anyhow::{Result, bail};
 use plotters::coord::Shift;
 use plotters::coord::combinators::IntoPartialAxis;
 use plotters::coord::ranged1d::DefaultFormatting;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::experiment::windowed_ppl;
 use super::plot::{
     DASH, FONT, LegendEntry, MAX_POINTS, PALETTE, Render, check_png, downsample,
-    downsample_by_position, draw_legend, fmt_tokens, fmt_value, house_style, log_ticks, plottable,
-    settled_y_range, write_png_and_svg, x_max, y_range,
+    downsample_by_position, draw_legend, draw_markers, fmt_tokens, fmt_value, house_style,
+    log_ticks, plottable, settled_y_range, write_png_and_svg, x_max, y_range,
 };
 use crate::latency::LatencyPoint;
 use crate::memory::MemorySample;
@@ -197,7 +199,8 @@ fn text_color(fill: RGBColor) -> RGBColor {
 }
 
 /// A cell's value: 2 decimals, 1 from 1000 up so that it still fits.
-fn fmt_ppl(ppl: f64) -> String {
+/// PPL as tables and figures print it: 2 decimals, 1 from 1000 up.
+pub(super) fn fmt_ppl(ppl: f64) -> String {
     if ppl >= 1000.0 {
         format!("{ppl:.1}")
     } else {
@@ -230,14 +233,10 @@ impl Heatmap<'_> {
         let centres = |n: usize| (0..n).map(|i| i as f64 + 0.5).collect::<Vec<_>>();
         // Row 0 (fewest sinks) is at the top: y runs up, so it spans rows-1 .. rows.
         let y_of = |row: usize| (rows - 1 - row) as f64;
-        let mut chart = ChartBuilder::on(area)
-            .margin(MARGIN)
-            .x_label_area_size(X_LABEL_AREA)
-            .y_label_area_size(Y_LABEL_AREA)
-            .build_cartesian_2d(
-                ticked(0.0..columns as f64, centres(columns)),
-                ticked(0.0..rows as f64, centres(rows)),
-            )?;
+        let mut chart = chart_builder(area, X_LABEL_AREA).build_cartesian_2d(
+            ticked(0.0..columns as f64, centres(columns)),
+            ticked(0.0..rows as f64, centres(rows)),
+        )?;
         let column_label = |x: &f64| {
             self.windows
                 .get(x.floor() as usize)
@@ -315,11 +314,10 @@ impl Heatmap<'_> {
         ticks.retain(|&t| !near(t, lo) && !near(t, hi));
         let mut chart = ChartBuilder::on(area)
             .margin(MARGIN)
-            .margin_left(8)
+            .margin_left(70)
             .margin_right(8)
             .x_label_area_size(X_LABEL_AREA)
             .right_y_label_area_size(70)
-            .caption("PPL", (FONT, 18))
             .build_cartesian_2d(
                 0.0..1.0,
                 (lo..hi)
@@ -353,8 +351,8 @@ impl Heatmap<'_> {
             .pos(Pos::new(HPos::Center, VPos::Top));
         let top = bar_h as i32 - X_LABEL_AREA as i32 - MARGIN as i32 + 8;
         for (i, line) in [
-            "log scale; colour",
-            "capped at 4x best",
+            "colour: PPL, log scale,",
+            "capped at 4x best;",
             "framed: best cell",
         ]
         .iter()
@@ -362,7 +360,7 @@ impl Heatmap<'_> {
         {
             area.draw(&Text::new(
                 *line,
-                (bar_w as i32 / 2 - 20, top + 17 * i as i32),
+                (bar_w as i32 / 2, top + 17 * i as i32),
                 note.clone(),
             ))?;
         }
@@ -461,8 +459,8 @@ impl Render for Latency<'_> {
         let (width, _) = body.dim_in_pixel();
         let (panels, legend_area) = body.split_horizontally(width - LEGEND_WIDTH);
         let panels = panels.split_evenly((1, 2));
-        self.draw_panel(&panels[0], true)?;
-        self.draw_panel(&panels[1], false)?;
+        self.draw_panel(&panels[0], Panel::Latency)?;
+        self.draw_panel(&panels[1], Panel::Memory)?;
         let entries: Vec<LegendEntry> = self
             .series
             .iter()
@@ -471,7 +469,7 @@ impl Render for Latency<'_> {
                 label: s.label.clone(),
                 color: PALETTE[i % PALETTE.len()].to_rgba(),
                 dashed: false,
-                marker: true,
+                marker: Some(i),
             })
             .collect();
         draw_legend(&legend_area, &entries)?;
@@ -482,22 +480,50 @@ impl Render for Latency<'_> {
 
 impl Latency<'_> {
     /// The latency panel (log y) or the memory panel (linear y from 0).
-    fn draw_panel<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, ms: bool) -> Result<()>
+    fn draw_panel<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, Shift>,
+        panel: Panel,
+    ) -> Result<()>
     where
         DB::ErrorType: 'static,
     {
-        let values = |s: &LatencySeries| match ms {
-            true => s.ms.clone(),
-            false => s.mib.clone(),
-        };
-        let all: Vec<f64> = self
+        let all = self
             .series
             .iter()
-            .flat_map(|s| values(s).into_iter().map(|p| p.1))
-            .collect();
+            .flat_map(|s| panel.points(s).iter().map(|p| p.1));
         // Cache sizes sit at 0, 1, 2, ...: even spacing whatever their ratios.
         let n = self.caches.len();
-        let x_range = ticked(-0.5..n as f64 - 0.5, (0..n).map(|i| i as f64).collect());
+        let x_axis = || ticked(-0.5..n as f64 - 0.5, (0..n).map(|i| i as f64).collect());
+        let mut builder = chart_builder(area, X_LABEL_AREA);
+        builder.caption(panel.caption(), (FONT, 20));
+        match panel {
+            Panel::Latency => {
+                let (lo, hi) = y_range(all);
+                let y_axis = (lo..hi).log_scale().with_key_points(log_ticks(lo, hi));
+                let mut chart = builder.build_cartesian_2d(x_axis(), y_axis)?;
+                self.draw_lines(&mut chart, panel)
+            }
+            Panel::Memory => {
+                let hi = all.fold(0.0, f64::max) * 1.15;
+                let mut chart = builder.build_cartesian_2d(x_axis(), 0.0..hi.max(1.0))?;
+                self.draw_lines(&mut chart, panel)
+            }
+        }
+    }
+
+    /// Axes, then one line with markers per method, on either panel's chart.
+    fn draw_lines<DB, X, Y>(
+        &self,
+        chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+        panel: Panel,
+    ) -> Result<()>
+    where
+        DB: DrawingBackend,
+        DB::ErrorType: 'static,
+        X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+        Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    {
         let cache_label = |x: &f64| {
             let i = x.round();
             match (i - x).abs() < 1e-6 {
@@ -508,52 +534,72 @@ impl Latency<'_> {
                 false => String::new(),
             }
         };
-        let mut builder = ChartBuilder::on(area);
-        builder
-            .margin(MARGIN)
-            .x_label_area_size(X_LABEL_AREA)
-            .y_label_area_size(Y_LABEL_AREA)
-            .caption(
-                match ms {
-                    true => "Latency",
-                    false => "Memory",
-                },
-                (FONT, 20),
-            );
-        let style_of = |i: usize| PALETTE[i % PALETTE.len()].stroke_width(2);
-        if ms {
-            let (lo, hi) = y_range(all.into_iter());
-            let mut chart = builder.build_cartesian_2d(
-                x_range,
-                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-            )?;
-            house_style(&mut chart.configure_mesh())
-                .x_desc("cache size (tokens)")
-                .y_desc("ms per token (log)")
-                .x_label_formatter(&cache_label)
-                .y_label_formatter(&|y| fmt_value(*y))
-                .draw()?;
-            for (i, s) in self.series.iter().enumerate() {
-                chart.draw_series(LineSeries::new(s.ms.clone(), style_of(i)).point_size(5))?;
-            }
-        } else {
-            let hi = all.iter().copied().fold(0.0, f64::max) * 1.15;
-            let mut chart = builder.build_cartesian_2d(x_range, 0.0..hi.max(1.0))?;
-            house_style(&mut chart.configure_mesh())
-                .x_desc("cache size (tokens)")
-                .y_desc("peak memory (MiB)")
-                .x_label_formatter(&cache_label)
-                .y_label_formatter(&|y| fmt_value(*y))
-                .draw()?;
-            if all.is_empty() {
-                no_data(&chart, "no memory measurements")?;
-            }
-            for (i, s) in self.series.iter().enumerate() {
-                chart.draw_series(LineSeries::new(s.mib.clone(), style_of(i)).point_size(5))?;
-            }
+        house_style(&mut chart.configure_mesh())
+            .x_desc("cache size (tokens)")
+            .y_desc(panel.y_desc())
+            .x_label_formatter(&cache_label)
+            .y_label_formatter(&|y| fmt_value(*y))
+            .draw()?;
+        for (i, s) in self.series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()].to_rgba();
+            let points = panel.points(s).iter().copied();
+            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?;
+            draw_markers(chart.plotting_area(), points, i, color)?;
+        }
+        if self.series.iter().all(|s| panel.points(s).is_empty()) {
+            no_data(chart, panel.empty_note())?;
         }
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Panel {
+    Latency,
+    Memory,
+}
+
+impl Panel {
+    fn caption(self) -> &'static str {
+        match self {
+            Panel::Latency => "Latency",
+            Panel::Memory => "Memory",
+        }
+    }
+
+    fn y_desc(self) -> &'static str {
+        match self {
+            Panel::Latency => "ms per token (log)",
+            Panel::Memory => "peak memory (MiB)",
+        }
+    }
+
+    fn empty_note(self) -> &'static str {
+        match self {
+            Panel::Latency => "no latency measurements",
+            Panel::Memory => "no memory measurements",
+        }
+    }
+
+    fn points(self, s: &LatencySeries) -> &[(f64, f64)] {
+        match self {
+            Panel::Latency => &s.ms,
+            Panel::Memory => &s.mib,
+        }
+    }
+}
+
+/// A chart with the report's margins and label room, so that panels line up.
+fn chart_builder<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    x_label_area: u32,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .margin(MARGIN)
+        .x_label_area_size(x_label_area)
+        .y_label_area_size(Y_LABEL_AREA);
+    builder
 }
 
 /// A linear axis with ticks at exactly `ticks`, for categories placed at evenly spaced values.
@@ -588,7 +634,8 @@ where
 // ---------------------------------------------------------------------------------------------
 // Long stream (Figure 5)
 
-/// Past this many book boundaries the lines are drawn fainter, so they do not grey out the plot.
+/// Past this many book boundaries the lines are solid and faint: dense dashes would grey out the
+/// plot in a moiré of dots.
 const MANY_BOUNDARIES: usize = 60;
 
 struct LongStream<'a> {
@@ -602,22 +649,6 @@ struct LongStream<'a> {
     /// (tokens scored, resident MiB), downsampled.
     memory: Vec<(f64, f64)>,
     x_max: f64,
-}
-
-/// PPL over the last `window` records at each record (over all records so far while fewer):
-/// exp of the mean NLL, from a running sum in f64.
-fn windowed_ppl(log: &NllLog, window: usize) -> Vec<f64> {
-    let nll = |i: usize| log.records[i].nll as f64;
-    let mut sum = 0.0;
-    (0..log.records.len())
-        .map(|i| {
-            sum += nll(i);
-            if i >= window {
-                sum -= nll(i - window);
-            }
-            (sum / (i + 1).min(window) as f64).exp()
-        })
-        .collect()
 }
 
 impl<'a> LongStream<'a> {
@@ -672,24 +703,21 @@ impl Render for LongStream<'_> {
                 label: "running PPL".to_string(),
                 color: PALETTE[0].to_rgba(),
                 dashed: false,
-                marker: false,
+                marker: None,
             },
             LegendEntry {
-                label: format!(
-                    "PPL over the last {} tokens",
-                    fmt_tokens(self.window as f64)
-                ),
+                label: format!("PPL over the last {} tokens", self.window),
                 color: PALETTE[1].to_rgba(),
                 dashed: false,
-                marker: false,
+                marker: None,
             },
         ];
         if !self.boundaries.is_empty() {
             entries.push(LegendEntry {
                 label: format!("book boundary ({})", self.boundaries.len()),
                 color: self.boundary_color(),
-                dashed: true,
-                marker: false,
+                dashed: !self.many_boundaries(),
+                marker: None,
             });
         }
         draw_legend(&legend_area, &entries)?;
@@ -699,9 +727,13 @@ impl Render for LongStream<'_> {
 }
 
 impl LongStream<'_> {
+    fn many_boundaries(&self) -> bool {
+        self.boundaries.len() > MANY_BOUNDARIES
+    }
+
     fn boundary_color(&self) -> RGBAColor {
-        let alpha = match self.boundaries.len() > MANY_BOUNDARIES {
-            true => 0.3,
+        let alpha = match self.many_boundaries() {
+            true => 0.2,
             false => 0.6,
         };
         RGBColor(110, 110, 110).mix(alpha)
@@ -712,28 +744,24 @@ impl LongStream<'_> {
         DB::ErrorType: 'static,
     {
         let (lo, hi) = settled_y_range(self.running.iter().chain(&self.windowed), self.x_max);
-        let mut chart = ChartBuilder::on(area)
-            .margin(MARGIN)
-            .x_label_area_size(X_LABEL_AREA)
-            .y_label_area_size(Y_LABEL_AREA)
-            .build_cartesian_2d(
-                0.0..self.x_max,
-                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-            )?;
+        // The x axis is the memory panel's, described there only: tick labels need less room.
+        let mut chart = chart_builder(area, X_LABEL_AREA / 2).build_cartesian_2d(
+            0.0..self.x_max,
+            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+        )?;
         house_style(&mut chart.configure_mesh())
-            .x_desc("tokens")
             .y_desc("PPL (log)")
             .x_label_formatter(&|x| fmt_tokens(*x))
             .y_label_formatter(&|y| fmt_value(*y))
             .draw()?;
         let boundary = self.boundary_color().stroke_width(1);
         for &x in &self.boundaries {
-            chart.draw_series(DashedLineSeries::new(
-                [(x, lo), (x, hi)],
-                DASH.1,
-                DASH.1,
-                boundary,
-            ))?;
+            let line = [(x, lo), (x, hi)];
+            if self.many_boundaries() {
+                chart.draw_series(LineSeries::new(line, boundary))?;
+            } else {
+                chart.draw_series(DashedLineSeries::new(line, DASH.1, DASH.1, boundary))?;
+            }
         }
         // The windowed PPL swings more: drawn first and thinner, so the running PPL stays
         // visible on top of it.
@@ -754,12 +782,11 @@ impl LongStream<'_> {
     {
         // From 0, so that a flat line reads as flat rather than as zoomed-in noise.
         let hi = self.memory.iter().map(|m| m.1).fold(0.0, f64::max) * 1.15;
-        let mut chart = ChartBuilder::on(area)
-            .margin(MARGIN)
-            .x_label_area_size(X_LABEL_AREA)
-            .y_label_area_size(Y_LABEL_AREA)
+        let mut chart = chart_builder(area, X_LABEL_AREA)
             .build_cartesian_2d(0.0..self.x_max, 0.0..hi.max(1.0))?;
+        // A short panel: few y labels, none when there is nothing to read them against.
         house_style(&mut chart.configure_mesh())
+            .y_labels(if self.memory.is_empty() { 0 } else { 6 })
             .x_desc("tokens scored")
             .y_desc("resident memory (MiB)")
             .x_label_formatter(&|x| fmt_tokens(*x))
@@ -780,21 +807,6 @@ impl LongStream<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    #[ignore]
-    fn tmp_write_figures() {
-        let dir = Path::new("/tmp/figs");
-        plot_heatmap(&sweep(), &dir.join("heatmap.png"), "Sink x window sweep").unwrap();
-        plot_latency(
-            &latency_points(),
-            &dir.join("latency.png"),
-            "Per-token latency",
-        )
-        .unwrap();
-        let (log, memory) = long_log();
-        plot_long_stream(&log, &memory, 1024, &dir.join("long.png"), "Long stream").unwrap();
-        plot_long_stream(&log, &[], 1024, &dir.join("long-nomem.png"), "Long stream").unwrap();
-    }
     use crate::nll_log::NllRecord;
     use crate::report::tests::Scratch;
 
@@ -898,7 +910,12 @@ mod tests {
                     cache,
                     ms_per_token: ms + i as f64,
                     tokens: 100,
-                    peak_rss_mib: (method != "mystery").then_some(500.0 + 40.0 * i as f64),
+                    peak_rss_mib: match method {
+                        "recompute" => Some(560.0 + 60.0 * i as f64),
+                        "streaming" => Some(520.0 + 40.0 * i as f64),
+                        "block" => Some(520.0 + 30.0 * i as f64),
+                        _ => None,
+                    },
                 });
             }
         }
@@ -1001,24 +1018,25 @@ mod tests {
     }
 
     #[test]
-    fn windowed_ppl_is_the_mean_over_the_window() {
+    fn long_stream_with_many_books_draws_every_boundary() {
+        let scratch = Scratch::new("long-books");
         let mut log = NllLog::default();
-        for (i, nll) in [1.5f32, 1.5, 1.5, 1.5, 0.5, 2.5].into_iter().enumerate() {
+        for i in 0..30_000u64 {
             log.push(NllRecord {
-                position: i as u64,
-                book: 0,
+                position: i,
+                book: (i / 200) as u32,
                 token_id: 0,
-                nll,
+                nll: 2.5,
             });
         }
-        let w = windowed_ppl(&log, 2);
-        for (got, mean) in w.iter().zip([1.5, 1.5, 1.5, 1.5, 1.0, 1.5]) {
-            assert!((got - f64::exp(mean)).abs() < 1e-12, "{w:?}");
-        }
-        // A window longer than the log is the running PPL.
-        let all = windowed_ppl(&log, 100);
-        for (a, b) in all.iter().zip(log.running_ppl()) {
-            assert!((a - b).abs() < 1e-12);
-        }
+        let long = LongStream::new(&log, &[], 4096, "t");
+        assert_eq!(long.boundaries.len(), 149);
+        assert!(long.many_boundaries());
+        // A constant NLL gives a constant windowed (and running) PPL of exp(NLL).
+        let flat = |points: &[(f64, f64)]| points.iter().all(|p| (p.1 - 2.5f64.exp()).abs() < 1e-9);
+        assert!(flat(&long.windowed) && flat(&long.running));
+        let out = scratch.0.join("books.png");
+        plot_long_stream(&log, &[], 4096, &out, "150 books").expect("plot");
+        assert!(written(&out).contains("book boundary (149)"));
     }
 }

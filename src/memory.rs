@@ -51,7 +51,9 @@ impl MemorySampler {
         let handle = std::thread::spawn(move || {
             let started = Instant::now();
             let mut samples = Vec::new();
-            let mut next = Duration::ZERO;
+            // The first reading after one interval: a resumed run moves `progress` past its
+            // checkpoint only once the engine has loaded it.
+            let mut next = every;
             while !flag.load(Ordering::Relaxed) {
                 if started.elapsed() >= next {
                     if let Some(rss_mib) = current_rss_mib() {
@@ -71,7 +73,7 @@ impl MemorySampler {
         MemorySampler { stop, handle }
     }
 
-    /// Stops the thread and returns its samples (with a last one taken now).
+    /// Stops the thread and returns its samples.
     pub fn stop(self) -> Vec<MemorySample> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap_or_default()

@@ -102,8 +102,8 @@ fn load(dir: &Path, rec: &ExperimentRecord) -> Result<Vec<LoadedRun>> {
 
 fn draw(dir: &Path, rec: &ExperimentRecord, plot: Plot, runs: &[LoadedRun]) -> Result<Vec<String>> {
     let title = format!(
-        "{} ({}, scale {})",
-        rec.experiment.mirrors,
+        "{}: {}, scale {}",
+        rec.experiment.name,
         file_name(&rec.model),
         rec.scale.name()
     );

@@ -246,7 +246,7 @@ mod tests {
     }
 
     fn tokens(n: usize, vocab: usize) -> Vec<u32> {
-        (0..n).map(|i| ((i * 7 + 3) % vocab) as u32).collect()
+        crate::model::random::random_tokens(n, vocab, 5)
     }
 
     #[test]

@@ -180,17 +180,8 @@ mod tests {
     use crate::model::Config;
     use crate::model::random::random_llama;
 
-    /// Pseudo-random token ids below `vocab`.
     fn tokens(n: usize, vocab: usize) -> Vec<u32> {
-        let mut x = 5u64;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 33) % vocab as u64) as u32
-            })
-            .collect()
+        crate::model::random::random_tokens(n, vocab, 5)
     }
 
     /// Prefilling the first `n` tokens and stepping over the rest gives the hidden states and

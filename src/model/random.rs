@@ -8,6 +8,19 @@ use candle_nn::VarBuilder;
 
 use super::llama::{Config, Llama};
 
+/// `n` pseudo-random token ids below `vocab` (a fixed LCG, so tests are reproducible).
+pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
 /// SplitMix64: a tiny, well-mixed, seedable generator (no dependency needed).
 struct SplitMix64(u64);
 

@@ -135,6 +135,9 @@ pub struct LatencyDef {
     pub sinks: usize,
     /// Tokens timed per method and cache size.
     pub steps: PerScale<usize>,
+    /// Largest paper-scale cache measured at a scale (all when left out).
+    #[serde(default)]
+    pub max_cache: Option<PerScale<usize>>,
 }
 
 /// One experiment file.
@@ -299,8 +302,10 @@ impl Experiment {
             return Ok(Vec::new());
         };
         let div = self.divisor(scale);
+        let max = lat.max_cache.and_then(|m| m.get(scale)).unwrap_or(usize::MAX);
         lat.caches
             .iter()
+            .filter(|&&c| c <= max)
             .map(|&c| match c / div {
                 n if n > lat.sinks => Ok(n),
                 _ => bail!(

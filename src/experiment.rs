@@ -302,7 +302,10 @@ impl Experiment {
             return Ok(Vec::new());
         };
         let div = self.divisor(scale);
-        let max = lat.max_cache.and_then(|m| m.get(scale)).unwrap_or(usize::MAX);
+        let max = lat
+            .max_cache
+            .and_then(|m| m.get(scale))
+            .unwrap_or(usize::MAX);
         lat.caches
             .iter()
             .filter(|&&c| c <= max)

@@ -32,21 +32,22 @@ pub fn run(
         let end = (start + stride - 1).min(n - 1);
         let first = end.saturating_sub(window);
         let len = end - first + 1;
-        let plan = AttnPlan {
-            q_pos: (0..len as u64).collect(),
-            write_at: 0,
-            k_pos: (0..len as u64).collect(),
-            mask: Some(AttnPlan::causal_mask(len, model.device())?),
-            sinks: None,
-        };
         let scored_from = start - first;
         let targets = &stream.targets[start..=end];
         let rows: Vec<usize> = (0..targets.len())
             .filter(|&i| targets[i].is_some())
             .collect();
         // A window with nothing to score (sink-text tokens, or a `--score-every` sample that
-        // skips it) is not computed at all.
+        // skips it) is not computed at all, nor is its (W+1)^2 mask built: for a 1/k sample
+        // that would be k-1 masks of millions of floats per scored token.
         if !rows.is_empty() {
+            let plan = AttnPlan {
+                q_pos: (0..len as u64).collect(),
+                write_at: 0,
+                k_pos: (0..len as u64).collect(),
+                mask: Some(AttnPlan::causal_mask(len, model.device())?),
+                sinks: None,
+            };
             let hidden = model.forward(&stream.fed[first..=end], &plan, &mut cache)?;
             let idx = candle_core::Tensor::new(
                 rows.iter()

@@ -548,10 +548,10 @@ fn latency_reading(rec: &ExperimentRecord) -> String {
 }
 
 /// Re-renders every experiment under `results` (folders with `experiment.json`, one or two
-/// levels down) and writes `results/REPRODUCTION.md`; returns its path.
+/// levels down) and every sweep (`sweep.json`), and writes `results/REPRODUCTION.md`; returns its path.
 pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
     let mut dirs = Vec::new();
-    find_experiments(results, 2, &mut dirs)?;
+    find_marked(results, RECORD, 2, &mut dirs)?;
     if dirs.is_empty() {
         anyhow::bail!(
             "{}: holds no experiment (no {RECORD}); run `streamppl reproduce` first",
@@ -570,13 +570,30 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
         md.push_str(&section);
         md.push('\n');
     }
+    // Sweeps (folders with sweep.json), after the experiments.
+    let mut sweeps = Vec::new();
+    find_marked(results, "sweep.json", 2, &mut sweeps)?;
+    sweeps.sort();
+    for dir in &sweeps {
+        let grid = std::fs::read_to_string(crate::sweep::render_sweep(dir)?)?;
+        let rel = dir.strip_prefix(results).unwrap_or(dir);
+        let body = grid
+            .split_once('\n')
+            .map_or(grid.as_str(), |(_, rest)| rest);
+        md.push_str(&format!(
+            "## Sweep `{}`\n{}\n",
+            rel.display(),
+            body.replace("](", &format!("]({}/", rel.display()))
+        ));
+    }
     let path = results.join("REPRODUCTION.md");
     std::fs::write(&path, md).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(path)
 }
 
-fn find_experiments(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
-    if dir.join(RECORD).is_file() {
+/// Folders holding the file `marker`, `dir` itself or up to `depth` levels below it.
+fn find_marked(dir: &Path, marker: &str, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+    if dir.join(marker).is_file() {
         out.push(dir.to_path_buf());
         return Ok(());
     }
@@ -586,7 +603,7 @@ fn find_experiments(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
         let p = e?.path();
         if p.is_dir() {
-            find_experiments(&p, depth - 1, out)?;
+            find_marked(&p, marker, depth - 1, out)?;
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::block::BlockEngine;
 use crate::engine::token::TokenEngine;
-use crate::model::{AttnPlan, Llama};
+use crate::model::Llama;
 use crate::runner::peak_rss_bytes;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
@@ -200,26 +200,16 @@ fn time_block(
 }
 
 /// Exact sliding window with re-computation: each decoded token i runs tokens i-C..=i from
-/// scratch at positions 0..=C under a causal mask (as `engine::recompute` does per window, mask
-/// included) and scores token i+1 from the last row. One warm-up token, then `steps` timed.
+/// scratch at positions 0..=C under a causal mask (as `engine::recompute` does, one window per
+/// forward pass) and scores token i+1 from the last row. One warm-up token, then `steps` timed.
 fn time_recompute(
     model: &Llama,
     tokens: &[u32],
     cache: usize,
     steps: usize,
 ) -> Result<(f64, usize)> {
-    let len = cache + 1;
-    let mut kv = model.new_cache(len)?;
-    let mut decode = |i: usize| -> Result<()> {
-        let pos: Vec<u64> = (0..len as u64).collect();
-        let plan = AttnPlan {
-            q_pos: pos.clone(),
-            write_at: 0,
-            k_pos: pos,
-            mask: Some(AttnPlan::causal_mask(len, model.device())?), // (C+1, C+1)
-            sinks: None,
-        };
-        let hidden = model.forward(&tokens[i - cache..=i], &plan, &mut kv)?; // (C+1, hidden)
+    let decode = |i: usize| -> Result<()> {
+        let hidden = model.forward_windows(&[&tokens[i - cache..=i]])?; // (C+1, hidden)
         model.nll(&hidden.narrow(0, cache, 1)?, &[tokens[i + 1]])?;
         Ok(())
     };

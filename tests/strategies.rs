@@ -353,11 +353,11 @@ fn an_interrupted_run_resumes_from_its_checkpoint_to_the_same_numbers() {
             spec.replace(['/', ':'], "_")
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        // A crash right after the checkpoint at fed token 21 is a run over the first 21 tokens
-        // (a multiple of the recompute stride, where that engine checkpoints).
+        // A crash right after the checkpoint at fed token 48 is a run over the first 48 tokens
+        // (the recompute engine checkpoints between batches: 16 windows of stride 3 here).
         let cut = TokenStream {
-            fed: stream.fed[..21].to_vec(),
-            targets: stream.targets[..21].to_vec(),
+            fed: stream.fed[..48].to_vec(),
+            targets: stream.targets[..48].to_vec(),
         };
         let mut ckpt = Checkpointer::new(&dir, "same run".into(), Duration::ZERO);
         run_strategy(
@@ -414,4 +414,44 @@ fn score_every_samples_exact_recompute_nlls() {
     let sampled = nlls("recompute:8", true, &stream.clone().sample_every(5));
     let want: Vec<f32> = exact.iter().step_by(5).copied().collect();
     assert_close(&sampled, &want, 0.0, "every 5");
+}
+
+#[test]
+fn batched_recompute_windows_equal_one_window_at_a_time() {
+    use streamppl::engine::recompute;
+    let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
+    // Two books after a 3-token sink-text prefix (unscored fed tokens), and a 1/4 sample.
+    let stream = TokenStream::new(&common::books(&[30, 25], VOCAB, 10), &[5, 5, 5], None);
+    let sampled = stream.clone().sample_every(4);
+    for (w, s) in [(8, 1), (6, 3), (60, 1)] {
+        for stream in [&stream, &sampled] {
+            let run = |batch| {
+                recompute::run(&model, w, s, batch, stream, &ProgressBar::hidden(), None).unwrap()
+            };
+            let one = run(1);
+            assert_eq!(one.len() as u64, stream.scored_count());
+            for batch in [2, 5, 16] {
+                let batched = run(batch);
+                let positions = |l: &streamppl::nll_log::NllLog| {
+                    l.records.iter().map(|r| r.position).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    positions(&batched),
+                    positions(&one),
+                    "W={w} s={s} batch={batch}"
+                );
+                let nll = |l: &streamppl::nll_log::NllLog| {
+                    l.records.iter().map(|r| r.nll).collect::<Vec<_>>()
+                };
+                // Matmuls of other row counts may sum in another order: float noise only
+                // (the tolerance of the block-vs-token tests).
+                assert_close(
+                    &nll(&batched),
+                    &nll(&one),
+                    1e-5,
+                    &format!("recompute:{w}/{s}, {batch} windows per batch"),
+                );
+            }
+        }
+    }
 }

@@ -51,7 +51,8 @@ pub fn run_strategy(
 ) -> Result<NllLog> {
     match strategy {
         Strategy::Recompute { window, stride } => {
-            recompute::run(model, window, stride, stream, progress, ckpt)
+            let batch = recompute::windows_per_batch(window);
+            recompute::run(model, window, stride, batch, stream, progress, ckpt)
         }
         s => match engine {
             EngineKind::Token => {

@@ -74,6 +74,14 @@ pub struct SinkRotation {
     pub q_pos: Vec<u64>,
 }
 
+/// Rotary tables (cos, sin), each (rows, head_dim / 2), of one forward pass.
+struct Ropes {
+    q: (Tensor, Tensor),
+    k: (Tensor, Tensor),
+    /// The sink key count and the queries' tables for scoring them (see [`SinkRotation`]).
+    sink_q: Option<(usize, (Tensor, Tensor))>,
+}
+
 impl AttnPlan {
     /// A causal mask over `t` fresh tokens in slots `0..t`.
     pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
@@ -87,7 +95,8 @@ impl AttnPlan {
 #[derive(Debug)]
 struct Block {
     attn_norm: Tensor,
-    /// Q, K and V projections in one matrix: one matmul instead of three.
+    /// Q, K and V projections in one matrix: one matmul instead of three. The Q rows are
+    /// pre-multiplied by the softmax scale 1/sqrt(head_dim).
     wqkv: Linear,
     wo: Linear,
     ffn_norm: Tensor,
@@ -135,7 +144,11 @@ impl Llama {
                 Ok(Block {
                     attn_norm: vb.get(d, &format!("{p}.attn_norm.weight"))?,
                     wqkv: stacked(&[
-                        linear(&vb, &format!("{p}.attn_q"), cfg.n_head * hd, d)?,
+                        Linear::new(
+                            (vb.get((cfg.n_head * hd, d), &format!("{p}.attn_q.weight"))?
+                                * (1.0 / (hd as f64).sqrt()))?,
+                            None,
+                        ),
                         linear(&vb, &format!("{p}.attn_k"), cfg.n_kv_head * hd, d)?,
                         linear(&vb, &format!("{p}.attn_v"), cfg.n_kv_head * hd, d)?,
                     ])?,
@@ -182,106 +195,161 @@ impl Llama {
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
-        let t = tokens.len();
-        let q_rope = self.rope.cos_sin(&plan.q_pos, &self.device)?;
-        let k_rope = self.rope.cos_sin(&plan.k_pos, &self.device)?;
-        let sink_q_rope = match &plan.sinks {
-            Some(s) => Some(self.rope.cos_sin(&s.q_pos, &self.device)?),
-            None => None,
+        let ropes = Ropes {
+            q: self.rope.cos_sin(&plan.q_pos, &self.device)?,
+            k: self.rope.cos_sin(&plan.k_pos, &self.device)?,
+            sink_q: match &plan.sinks {
+                Some(s) => Some((s.n_keys, self.rope.cos_sin(&s.q_pos, &self.device)?)),
+                None => None,
+            },
         };
+        self.decoder(tokens, |layer, b, h| {
+            let (q, k_new, v_new) = self.project_qkv(b, h)?;
+            cache.write(layer, plan.write_at, &k_new, &v_new)?;
+            let (k, v) = cache.read(layer, plan.k_pos.len())?; // (nkv, n_keys, hd), pre-RoPE
+            b.wo.forward(&self.attend(&q, &k, &v, &ropes, plan.mask.as_ref())?)
+        })
+    }
+
+    /// Runs independent windows of one length L as one batch, each from scratch at positions
+    /// 0..L with a causal mask (exact `recompute:W`): the projections and the MLP see all the
+    /// windows' rows at once, attention stays within each window. Row `w * L + i` of the
+    /// result is the final-normed hidden state of token i of window w.
+    pub fn forward_windows(&self, windows: &[&[u32]]) -> Result<Tensor> {
+        let l = windows.first().map_or(0, |w| w.len());
+        if l == 0 || windows.iter().any(|w| w.len() != l) {
+            candle_core::bail!("forward_windows takes non-empty windows of one length")
+        }
+        let positions: Vec<u64> = (0..l as u64).collect();
+        let rope = self.rope.cos_sin(&positions, &self.device)?;
+        let ropes = Ropes {
+            q: rope.clone(),
+            k: rope,
+            sink_q: None,
+        };
+        let mask = AttnPlan::causal_mask(l, &self.device)?; // (L, L), shared by every window
+        self.decoder(&windows.concat(), |_, b, h| {
+            let (q, k, v) = self.project_qkv(b, h)?; // (heads, windows * L, hd)
+            let window = |x: &Tensor, w: usize| x.narrow(1, w * l, l);
+            let outs = (0..windows.len())
+                .map(|w| {
+                    let (k, v) = (window(&k, w)?, window(&v, w)?.contiguous()?);
+                    self.attend(&window(&q, w)?, &k, &v, &ropes, Some(&mask))
+                })
+                .collect::<Result<Vec<_>>>()?; // each (L, nh * hd)
+            b.wo.forward(&Tensor::cat(&outs, 0)?)
+        })
+    }
+
+    /// The decoder stack over `tokens`, with `attention(layer, block, normed x)` giving each
+    /// layer's attention output (T, hidden). Returns the final-normed hidden states (T, hidden).
+    fn decoder(
+        &self,
+        tokens: &[u32],
+        mut attention: impl FnMut(usize, &Block, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?; // (T, d)
         for (layer, b) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &b.attn_norm, self.cfg.rms_eps as f32)?;
-            let attn = self.attention(
-                layer,
-                b,
-                &h,
-                plan,
-                cache,
-                (&q_rope.0, &q_rope.1),
-                (&k_rope.0, &k_rope.1),
-                sink_q_rope.as_ref().map(|(c, s)| (c, s)),
-            )?;
-            x = (x + attn)?;
-            let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, self.cfg.rms_eps as f32)?;
+            let h = self.rms_norm(&x, &b.attn_norm)?;
+            x = (x + attention(layer, b, &h)?)?;
+            let h = self.rms_norm(&x, &b.ffn_norm)?;
             let f = self.cfg.intermediate_size;
             let gate_up = b.w_gate_up.forward(&h)?; // (T, 2 * ffn)
-            let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, f)?)?;
-            let mlp = b.w_down.forward(&(gate * gate_up.narrow(1, f, f)?)?)?;
-            x = (x + mlp)?;
+            let act = if self.device.is_cpu() {
+                kernels::silu_mul(&gate_up)?
+            } else {
+                (candle_nn::ops::silu(&gate_up.narrow(1, 0, f)?)? * gate_up.narrow(1, f, f)?)?
+            }; // (T, ffn)
+            x = (x + b.w_down.forward(&act)?)?;
         }
-        debug_assert_eq!(x.dim(0)?, t);
-        candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)
+        self.rms_norm(&x, &self.norm)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: usize,
-        b: &Block,
-        h: &Tensor,
-        plan: &AttnPlan,
-        cache: &mut KvCache,
-        q_rope: (&Tensor, &Tensor),
-        k_rope: (&Tensor, &Tensor),
-        sink_q_rope: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Tensor> {
+    /// Queries (nh, T, hd), scaled by the weights, and new keys and values (nkv, T, hd),
+    /// all before RoPE, of the normed hidden states `h` (T, hidden).
+    fn project_qkv(&self, b: &Block, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
-        let n_keys = plan.k_pos.len();
         // (T, heads*hd) -> (heads, T, hd)
         let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
         let qkv = b.wqkv.forward(h)?; // (T, (nh + 2 nkv) * hd)
-        // The softmax scale goes on the queries: (T, nh*hd) values instead of (nh, T, keys).
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q = heads((qkv.narrow(1, 0, nh * hd)? * scale)?, nh)?.unsqueeze(0)?;
-        let k_new = heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
-        let v_new = heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
-        cache.write(layer, plan.write_at, &k_new, &v_new)?;
-        let (k, v) = cache.read(layer, n_keys)?; // (nkv, n_keys, hd), pre-RoPE keys
-        let rope =
-            |x: &Tensor, (cos, sin): (&Tensor, &Tensor)| candle_nn::rotary_emb::rope_i(x, cos, sin);
-        let k = rope(&k.unsqueeze(0)?, k_rope)?.squeeze(0)?;
-        let q_main = rope(&q, q_rope)?.squeeze(0)?; // (nh, T, hd)
-        let q_sink = sink_q_rope.map(|r| rope(&q, r)?.squeeze(0)).transpose()?;
-        let n_sink = plan.sinks.as_ref().map_or(0, |s| s.n_keys);
+        Ok((
+            heads(qkv.narrow(1, 0, nh * hd)?, nh)?,
+            heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?,
+            heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?,
+        ))
+    }
+
+    /// Attention of queries `q` (nh, T, hd) over keys `k` and values `v` (nkv, n_keys, hd),
+    /// all pre-RoPE, rotated by `ropes`, under the additive `mask` (T, n_keys).
+    /// Returns (T, nh * hd), before the output projection.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ropes: &Ropes,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (nh, t, hd) = q.dims3()?;
+        let n_keys = k.dim(1)?;
+        let k = self.rope(k, (&ropes.k.0, &ropes.k.1))?;
+        let q_main = self.rope(q, (&ropes.q.0, &ropes.q.1))?; // (nh, T, hd)
+        let q_sink = match &ropes.sink_q {
+            Some((n_sink, (cos, sin))) if *n_sink > 0 => Some((*n_sink, self.rope(q, (cos, sin))?)),
+            _ => None,
+        };
         // Query tiles keep the (heads, tile, keys) scores near SCORE_BUDGET floats.
         const SCORE_BUDGET: usize = 4 << 20;
         let tile = (SCORE_BUDGET / (nh * n_keys.max(1))).clamp(1, t.max(1));
         let mut outs = Vec::with_capacity(t.div_ceil(tile));
         for start in (0..t).step_by(tile) {
             let tq = tile.min(t - start);
-            let mask = plan
-                .mask
-                .as_ref()
-                .map(|m| m.narrow(0, start, tq))
-                .transpose()?;
+            let mask = mask.map(|m| m.narrow(0, start, tq)).transpose()?;
             let q_main = q_main.narrow(1, start, tq)?;
             let parts = match &q_sink {
                 // Sinks are scored by the queries rotated to their sink positions, recent keys by
                 // the queries at their own positions; both go into ONE softmax.
-                Some(q_sink) if n_sink > 0 => vec![
-                    self.scores(&q_sink.narrow(1, start, tq)?, &k.narrow(1, 0, n_sink)?)?,
-                    self.scores(&q_main, &k.narrow(1, n_sink, n_keys - n_sink)?)?,
+                Some((n_sink, q_sink)) => vec![
+                    self.scores(&q_sink.narrow(1, start, tq)?, &k.narrow(1, 0, *n_sink)?)?,
+                    self.scores(&q_main, &k.narrow(1, *n_sink, n_keys - n_sink)?)?,
                 ],
-                _ => vec![self.scores(&q_main, &k)?],
+                None => vec![self.scores(&q_main, &k)?],
             }; // each (nh, tq, keys of the part)
             let probs = self.masked_softmax(&parts, mask.as_ref())?; // (nh, tq, n_keys)
-            outs.push(self.grouped(&probs, |p| p.matmul(&v))?); // (nh, tq, hd)
+            outs.push(self.grouped(&probs, |p| p.matmul(v))?); // (nh, tq, hd)
         }
-        let out = match outs.len() {
+        match outs.len() {
             1 => outs.swap_remove(0),
             _ => Tensor::cat(&outs, 1)?,
         }
         .transpose(0, 1)?
-        .reshape((t, nh * hd))?;
-        b.wo.forward(&out)
+        .reshape((t, nh * hd))
     }
 
-    /// Softmax over [parts side by side] + mask. (A fused CPU kernel for this was faster alone
-    /// but slowed the matmuls around it; see the block-engine notes.)
+    /// `x` (heads, rows, hd) rotated by the tables (rows, hd / 2) (GGUF's interleaved pairs).
+    fn rope(&self, x: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            return kernels::rope_interleaved(x, cos, sin);
+        }
+        candle_nn::rotary_emb::rope_i(&x.unsqueeze(0)?, cos, sin)?.squeeze(0)
+    }
+
+    /// RMS norm of the rows of `x` (T, hidden), times `weight`.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_eps as f32;
+        if self.device.is_cpu() {
+            return kernels::rms_norm(x, weight, eps);
+        }
+        candle_nn::ops::rms_norm(x, weight, eps)
+    }
+
+    /// Softmax over [parts side by side] + mask.
     fn masked_softmax(&self, parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            return kernels::masked_softmax(parts, mask);
+        }
         let scores = Tensor::cat(parts, D::Minus1)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
@@ -308,9 +376,9 @@ impl Llama {
     /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
     /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
     pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
-        // The logits of a 64-row tile are 12.6 MB for a 49152-token vocabulary (128 rows measured
-        // no faster here).
-        const TILE: usize = 64;
+        // The logits of a 128-row tile are 25 MB for a 49152-token vocabulary; 128 rows keep the
+        // LM-head matmul efficient (64-row tiles took 20% longer on a 2-core AMD EPYC).
+        const TILE: usize = 128;
         let mut out = Vec::with_capacity(targets.len());
         for start in (0..targets.len()).step_by(TILE) {
             let n = TILE.min(targets.len() - start);

@@ -9,7 +9,7 @@
 //! function is also compiled for AVX2+FMA (`simd_dispatch!`) and that copy runs when the CPU has
 //! them (the softmax and SiLU took half the time).
 
-use candle_core::{Device, Result, Storage, Tensor};
+use candle_core::{Device, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// `exp(x)` for f32, to about 2 ulp, written so the compiler vectorizes loops over it: range
@@ -69,19 +69,24 @@ simd_dispatch!(fn silu_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) = silu
 simd_dispatch!(fn rms_norm_row(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) = rms_norm_row_generic);
 simd_dispatch!(fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) = rope_row_generic);
 
-/// Sum with eight independent accumulators, so it vectorizes (a single running f32 sum cannot
-/// be reordered by the compiler).
+/// Sum of `f(x)` with eight independent accumulators, so it vectorizes (a single running f32
+/// sum cannot be reordered by the compiler).
 #[inline(always)]
-fn lane_sum(xs: &[f32]) -> f32 {
+fn lane_sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
     for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x;
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lane_sum(xs: &[f32]) -> f32 {
+    lane_sum_of(xs, |x| x)
 }
 
 /// Maximum with eight independent lanes (vectorizes like [`lane_sum`]).
@@ -125,9 +130,25 @@ fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
     Ok(f(&slices))
 }
 
-/// Rows per rayon task: enough work per task to amortize the scheduling.
-fn rows_per_task(row_len: usize) -> usize {
-    (16_384 / row_len.max(1)).max(1)
+/// A new f32 tensor of `shape`, filled row by row (rows of `row_len` values) in parallel:
+/// `fill(r, inputs, row)` gets the row index and the contents of `inputs`.
+fn fill_rows(
+    inputs: &[&Tensor],
+    shape: impl Into<Shape>,
+    row_len: usize,
+    fill: impl Fn(usize, &[&[f32]], &mut [f32]) + Sync,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    let mut out = vec![0f32; shape.elem_count()];
+    // Enough rows per rayon task to amortize the scheduling.
+    let rows_per_task = (16_384 / row_len.max(1)).max(1);
+    with_slices(inputs, |ins| {
+        out.par_chunks_mut(row_len)
+            .with_min_len(rows_per_task)
+            .enumerate()
+            .for_each(|(r, row)| fill(r, ins, row));
+    })?;
+    Tensor::from_vec(out, shape, &Device::Cpu)
 }
 
 /// NLL of `targets[i]` under row i of `logits` (rows, vocab): log-sum-exp minus the target's
@@ -184,26 +205,18 @@ pub fn masked_softmax(parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor>
             candle_core::bail!("mask is {dims:?}, scores are ({rows}, {n})")
         }
     }
-    let mut out = vec![0f32; heads * rows * n];
     let inputs: Vec<&Tensor> = parts.iter().chain(mask).collect();
-    with_slices(&inputs, |ins| {
+    let (w0, w1) = (widths[0], widths.get(1).copied().unwrap_or(0));
+    fill_rows(&inputs, (heads, rows, n), n, |r, ins, dst| {
+        // Row r is query r % rows of head r / rows.
         let (parts, mask) = (&ins[..widths.len()], ins.get(widths.len()));
-        out.par_chunks_mut(n)
-            .with_min_len(rows_per_task(n))
-            .enumerate()
-            .for_each(|(r, dst)| {
-                // Row r is query r % rows of head r / rows.
-                let (p0, p1) = (&parts[0], parts.get(1));
-                let (w0, w1) = (widths[0], widths.get(1).copied().unwrap_or(0));
-                let q = r % rows;
-                let row_parts = [
-                    &p0[r * w0..(r + 1) * w0],
-                    p1.map_or(&[][..], |p| &p[r * w1..(r + 1) * w1]),
-                ];
-                softmax_row(dst, &row_parts, mask.map(|m| &m[q * n..(q + 1) * n]));
-            });
-    })?;
-    Tensor::from_vec(out, (heads, rows, n), &Device::Cpu)
+        let q = r % rows;
+        let row_parts = [
+            &parts[0][r * w0..(r + 1) * w0],
+            parts.get(1).map_or(&[][..], |p| &p[r * w1..(r + 1) * w1]),
+        ];
+        softmax_row(dst, &row_parts, mask.map(|m| &m[q * n..(q + 1) * n]));
+    })
 }
 
 /// `row = softmax(parts side by side + mask)`, exactly 0 where the mask is -inf.
@@ -242,31 +255,15 @@ fn silu_mul_row_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
 pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     let (rows, two_f) = gate_up.dims2()?;
     let f = two_f / 2;
-    let mut out = vec![0f32; rows * f];
-    with_slices(&[gate_up], |gu| {
-        let gu = gu[0];
-        out.par_chunks_mut(f)
-            .with_min_len(rows_per_task(f))
-            .enumerate()
-            .for_each(|(r, dst)| {
-                let (gate, up) = gu[r * two_f..(r + 1) * two_f].split_at(f);
-                silu_mul_row(dst, gate, up);
-            });
-    })?;
-    Tensor::from_vec(out, (rows, f), &Device::Cpu)
+    fill_rows(&[gate_up], (rows, f), f, |r, gu, dst| {
+        let (gate, up) = gu[0][r * two_f..(r + 1) * two_f].split_at(f);
+        silu_mul_row(dst, gate, up);
+    })
 }
 
 #[inline(always)]
 fn rms_norm_row_generic(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
-    let mut acc = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v * v;
-        }
-    }
-    let mean_sq = (acc.iter().sum::<f32>() + tail) / x.len() as f32;
+    let mean_sq = lane_sum_of(x, |v| v * v) / x.len() as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * inv * w;
@@ -276,15 +273,9 @@ fn rms_norm_row_generic(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
 /// RMS norm of each row of `x` (rows, d), scaled by `weight` (d).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let (rows, d) = x.dims2()?;
-    let mut out = vec![0f32; rows * d];
-    with_slices(&[x, weight], |s| {
-        let (x, w) = (s[0], s[1]);
-        out.par_chunks_mut(d)
-            .with_min_len(rows_per_task(d))
-            .enumerate()
-            .for_each(|(r, dst)| rms_norm_row(dst, &x[r * d..(r + 1) * d], w, eps));
-    })?;
-    Tensor::from_vec(out, (rows, d), &Device::Cpu)
+    fill_rows(&[x, weight], (rows, d), d, |r, s, dst| {
+        rms_norm_row(dst, &s[0][r * d..(r + 1) * d], s[1], eps)
+    })
 }
 
 /// Rotates the pairs (x[2i], x[2i+1]) of one row by the angles whose cos and sin are given.
@@ -308,24 +299,18 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     if cos.dims2()? != (t, d / 2) || sin.dims2()? != (t, d / 2) {
         candle_core::bail!("rope tables {:?} do not fit {:?}", cos.shape(), x.shape())
     }
-    let mut out = vec![0f32; heads * t * d];
-    with_slices(&[x, cos, sin], |s| {
+    let half = d / 2;
+    fill_rows(&[x, cos, sin], (heads, t, d), d, |r, s, dst| {
+        // Row r is position r % t of head r / t.
+        let p = r % t;
         let (x, cos, sin) = (s[0], s[1], s[2]);
-        let half = d / 2;
-        out.par_chunks_mut(d)
-            .with_min_len(rows_per_task(d))
-            .enumerate()
-            .for_each(|(r, dst)| {
-                let p = r % t;
-                rope_row(
-                    dst,
-                    &x[r * d..(r + 1) * d],
-                    &cos[p * half..(p + 1) * half],
-                    &sin[p * half..(p + 1) * half],
-                )
-            });
-    })?;
-    Tensor::from_vec(out, (heads, t, d), &Device::Cpu)
+        rope_row(
+            dst,
+            &x[r * d..(r + 1) * d],
+            &cos[p * half..(p + 1) * half],
+            &sin[p * half..(p + 1) * half],
+        )
+    })
 }
 
 #[cfg(test)]

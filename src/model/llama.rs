@@ -145,7 +145,7 @@ impl Llama {
                     attn_norm: vb.get(d, &format!("{p}.attn_norm.weight"))?,
                     wqkv: stacked(&[
                         Linear::new(
-                            (vb.get((cfg.n_head * hd, d), &format!("{p}.attn_q.weight"))?
+                            (linear(&vb, &format!("{p}.attn_q"), cfg.n_head * hd, d)?.weight()
                                 * (1.0 / (hd as f64).sqrt()))?,
                             None,
                         ),

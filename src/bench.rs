@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
 use crate::corpus::load_corpora;
 use crate::engine::EngineKind;
 use crate::eval::{EvalOptions, TokenizedCorpus};
-use crate::nll_log::Versions;
-use crate::runner::{LoadedModel, discard_run, load_model, progress_bar, run_one, versions};
+use crate::records::bench::{BenchReport, Machine, Measurement};
+use crate::runner::{LoadedModel, RunPolicy, load_model, progress_bar, run_one, versions};
 
 /// Token counts of each measurement.
 #[derive(Debug, Clone)]
@@ -36,46 +35,6 @@ impl BenchSizes {
         dense_prefill: 256,
         flat_memory: [512, 2048],
     };
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Measurement {
-    pub name: String,
-    pub strategy: String,
-    pub engine: String,
-    pub block_size: Option<usize>,
-    pub tokens: u64,
-    pub tokens_per_second: f64,
-    pub wall_seconds: f64,
-    pub peak_rss_bytes: Option<u64>,
-    pub ppl: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BenchReport {
-    pub name: String,
-    pub machine: Machine,
-    pub threads: usize,
-    /// Each figure is one run (the runs are long; their own progress is steady after warm-up).
-    pub runs_per_figure: u32,
-    pub model: String,
-    pub corpus: String,
-    pub measurements: Vec<Measurement>,
-    /// Block-engine over token-engine tokens/s for `sink:4+1020`.
-    pub block_speedup: f64,
-    /// Peak RSS of the long flat-memory run over the short one.
-    pub rss_ratio_long_over_short: Option<f64>,
-    pub versions: Versions,
-    pub finished_at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Machine {
-    pub cpu: String,
-    pub cores: usize,
-    pub memory_gib: f64,
-    /// 1-minute load average when the bench started (an idle machine reads near 0).
-    pub load_average_at_start: f64,
 }
 
 fn machine() -> Machine {
@@ -213,16 +172,12 @@ fn measure(
     opts.engine = engine;
     opts.max_tokens = Some(tokens);
     let dir = scratch.join(what.replace([' ', ','], "_"));
-    // A fresh run every time: a bench never reuses a finished run.
-    discard_run(&dir)?;
-    let r = run_one(
-        lm,
-        corpus,
-        corpus_paths,
-        &opts,
-        &dir,
-        Duration::from_secs(u64::MAX / 4),
-    )?;
+    // A fresh run every time (a bench never reuses a finished run), never checkpointed.
+    let policy = RunPolicy {
+        rerun: true,
+        ..RunPolicy::new(Duration::from_secs(u64::MAX / 4))
+    };
+    let r = run_one(lm, corpus, corpus_paths, &opts, &dir, &policy)?.record;
     Ok(Measurement {
         name: what.to_string(),
         strategy: r.strategy,

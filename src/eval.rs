@@ -7,7 +7,8 @@ use sha2::{Digest, Sha256};
 use crate::corpus::Book;
 use crate::engine::{EngineKind, run_strategy};
 use crate::model::Llama;
-use crate::nll_log::{BookMetrics, NllLog};
+use crate::nll_log::NllLog;
+use crate::records::run::BookMetrics;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 use crate::tokenizer::TextTokenizer;
@@ -187,10 +188,35 @@ pub fn stream_for(
     Ok(stream)
 }
 
-/// Identifies a run's configuration: options, model and the exact token stream. A finished run
-/// or checkpoint with the same fingerprint is the same computation.
-pub fn fingerprint(opts: &EvalOptions, model_sha256: &str, stream: &TokenStream) -> String {
+/// The numerics of this build's engines and kernels. Bump it whenever a change moves per-token
+/// NLLs beyond float noise (the token engine against the tiny-model oracle, or the real model
+/// by more than about 1e-4): runs computed by another epoch are then reported stale, not
+/// silently reused. Epoch 1 is every run before epochs were recorded.
+pub const NUMERICS_EPOCH: u32 = 1;
+
+/// [`NUMERICS_EPOCH`], unless `STREAMPPL_NUMERICS_EPOCH` overrides it (to exercise the stale
+/// path without a rebuild).
+pub fn numerics_epoch() -> u32 {
+    std::env::var("STREAMPPL_NUMERICS_EPOCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(NUMERICS_EPOCH)
+}
+
+/// Identifies a run's configuration: options, engine, model, the exact token stream and the
+/// numerics epoch. A finished run or checkpoint with the same fingerprint is the same
+/// computation. Epoch 1 hashes no epoch, so the runs computed before epochs existed keep their
+/// fingerprints.
+pub fn fingerprint(
+    opts: &EvalOptions,
+    model_sha256: &str,
+    stream: &TokenStream,
+    numerics_epoch: u32,
+) -> String {
     let mut h = Sha256::new();
+    if numerics_epoch != 1 {
+        h.update(format!("numerics epoch {numerics_epoch}").as_bytes());
+    }
     h.update(opts.run_name().as_bytes());
     h.update(format!("{:?}", opts.engine).as_bytes());
     h.update(model_sha256.as_bytes());

@@ -6,30 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
-use serde::{Deserialize, Serialize};
 
 use crate::engine::block::BlockEngine;
 use crate::engine::token::TokenEngine;
 use crate::model::Llama;
+use crate::records::latency::LatencyPoint;
 use crate::runner::peak_rss_bytes;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
-
-/// One measurement of one method at one cache size.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LatencyPoint {
-    /// `recompute` (exact, one (C+1)-token forward per token), `streaming` (token engine,
-    /// `sink:S+(C-S)` over a full cache) or `block` (block engine, same strategy).
-    pub method: String,
-    /// Cache size C = S + W.
-    pub cache: usize,
-    /// Mean wall time per token, milliseconds.
-    pub ms_per_token: f64,
-    /// Tokens timed.
-    pub tokens: usize,
-    /// Peak RSS of the process while this method ran (VmHWM reset before it), MiB.
-    pub peak_rss_mib: Option<f64>,
-}
 
 /// What [`measure_latency`] measures.
 #[derive(Debug, Clone)]

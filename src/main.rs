@@ -12,7 +12,7 @@ use streamppl::eval::EvalOptions;
 use streamppl::experiment::Scale;
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
-use streamppl::runner::{EvalJob, run_eval};
+use streamppl::runner::{EvalJob, RunPolicy, run_eval, summary_line};
 use streamppl::strategy::Strategy;
 use streamppl::sweep::{SweepJob, sweep};
 
@@ -63,12 +63,8 @@ enum Command {
         /// Score only every k-th token (positions 0, k, 2k, ...): makes exact recompute:W affordable; reported as a sample with its 95% interval.
         #[arg(long)]
         score_every: Option<u64>,
-        /// Seconds between checkpoints; a killed run restarted with the same command resumes from the last one.
-        #[arg(long, default_value_t = 60)]
-        checkpoint_every: u64,
-        /// Recompute every run, even one already finished (or checkpointed) in --out.
-        #[arg(long)]
-        rerun: bool,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Print one markdown table over run directories.
     Table {
@@ -134,12 +130,8 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value = DEFAULT_CORPUS)]
         corpus: Vec<PathBuf>,
-        /// Seconds between checkpoints of each run.
-        #[arg(long, default_value_t = 60)]
-        checkpoint_every: u64,
-        /// Recompute every run, even finished ones.
-        #[arg(long)]
-        rerun: bool,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// StreamingLLM over a grid of sink counts x window sizes: grid.md, sweep.json, heatmap.png.
     Sweep {
@@ -160,10 +152,8 @@ enum Command {
         max_tokens: u64,
         #[arg(long, default_value = "results/sweep")]
         out: PathBuf,
-        #[arg(long, default_value_t = 60)]
-        checkpoint_every: u64,
-        #[arg(long)]
-        rerun: bool,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Re-render every experiment's table and figures under RESULTS and write RESULTS/REPRODUCTION.md.
     Report {
@@ -175,6 +165,35 @@ enum Command {
         #[command(subcommand)]
         command: CorpusCommand,
     },
+}
+
+/// How runs treat their folders: shared by every command that computes runs.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Seconds between checkpoints; a killed run restarted with the same command resumes from the last one.
+    #[arg(long, default_value_t = 60)]
+    checkpoint_every: u64,
+    /// Recompute every run, even one already finished (or checkpointed) in its folder.
+    #[arg(long)]
+    rerun: bool,
+    /// Recompute finished runs computed by another numerics epoch (else they are kept and reported stale).
+    #[arg(long)]
+    rerun_stale: bool,
+}
+
+impl RunArgs {
+    fn policy(&self) -> Result<RunPolicy> {
+        if self.checkpoint_every == 0 {
+            anyhow::bail!(
+                "--checkpoint-every 0: give the seconds between checkpoints, at least 1 (default 60)"
+            );
+        }
+        Ok(RunPolicy {
+            checkpoint_every: std::time::Duration::from_secs(self.checkpoint_every),
+            rerun: self.rerun,
+            rerun_stale: self.rerun_stale,
+        })
+    }
 }
 
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -226,11 +245,10 @@ fn run(cli: Cli) -> Result<()> {
             sink_text,
             no_pos_shift,
             out,
-            checkpoint_every,
+            run,
             engine,
             block_size,
             score_every,
-            rerun,
         } => {
             if block_size == 0 {
                 anyhow::bail!(
@@ -253,15 +271,17 @@ fn run(cli: Cli) -> Result<()> {
                     score_every,
                 })
                 .collect();
-            run_eval(&EvalJob {
+            let finished = run_eval(&EvalJob {
                 model,
                 corpus,
                 books,
                 runs,
                 out,
-                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
-                rerun,
+                policy: run.policy()?,
             })?;
+            for run in &finished {
+                println!("{}", summary_line(run));
+            }
         }
         Command::Table { runs } => print!("{}", markdown_table(&load_runs(&runs)?)),
         Command::Plot {
@@ -321,8 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             experiments,
             model,
             corpus,
-            checkpoint_every,
-            rerun,
+            run,
         } => {
             let names = if names.iter().any(|n| n == "all") {
                 all_names(&experiments)?
@@ -336,8 +355,7 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 model,
                 corpus,
-                rerun,
-                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
+                policy: run.policy()?,
             })?;
         }
         Command::Sweep {
@@ -348,8 +366,7 @@ fn run(cli: Cli) -> Result<()> {
             books,
             max_tokens,
             out,
-            checkpoint_every,
-            rerun,
+            run,
         } => {
             let grid = sweep(&SweepJob {
                 model,
@@ -359,8 +376,7 @@ fn run(cli: Cli) -> Result<()> {
                 windows,
                 max_tokens: Some(max_tokens),
                 out,
-                rerun,
-                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
+                policy: run.policy()?,
             })?;
             print!("{}", std::fs::read_to_string(&grid)?);
         }

@@ -8,26 +8,17 @@
 //! let sampler = MemorySampler::start(bar.clone(), std::time::Duration::from_secs(1));
 //! // ... the run advances `bar` ...
 //! let samples = sampler.stop();
-//! streamppl::memory::write_csv(&samples, "memory.csv".as_ref()).unwrap();
+//! streamppl::records::memory::write_csv(&samples, "memory.csv".as_ref()).unwrap();
 //! ```
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
-use serde::{Deserialize, Serialize};
 
-/// One reading: seconds since the run started, tokens scored by then, resident memory.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct MemorySample {
-    pub seconds: f64,
-    pub tokens: u64,
-    pub rss_mib: f64,
-}
+use crate::records::memory::MemorySample;
 
 /// Current resident set size of this process (Linux `VmRSS`), in MiB.
 pub fn current_rss_mib() -> Option<f64> {
@@ -80,53 +71,10 @@ impl MemorySampler {
     }
 }
 
-const HEADER: &str = "seconds,tokens,rss_mib";
-
-pub fn write_csv(samples: &[MemorySample], path: &Path) -> Result<()> {
-    let mut text = format!("{HEADER}\n");
-    for s in samples {
-        text.push_str(&format!("{:.3},{},{:.1}\n", s.seconds, s.tokens, s.rss_mib));
-    }
-    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
-}
-
-pub fn read_csv(path: &Path) -> Result<Vec<MemorySample>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read memory log", path.display()))?;
-    let mut lines = text.lines();
-    if lines.next() != Some(HEADER) {
-        bail!(
-            "{}: not a streamppl memory.csv (expected the header `{HEADER}`)",
-            path.display()
-        );
-    }
-    lines
-        .enumerate()
-        .map(|(i, line)| {
-            let f: Vec<&str> = line.split(',').collect();
-            let parsed = (f.len() == 3)
-                .then(|| {
-                    Some(MemorySample {
-                        seconds: f[0].parse().ok()?,
-                        tokens: f[1].parse().ok()?,
-                        rss_mib: f[2].parse().ok()?,
-                    })
-                })
-                .flatten();
-            parsed.with_context(|| {
-                format!(
-                    "{}: line {}: expected seconds,tokens,rss_mib",
-                    path.display(),
-                    i + 2
-                )
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::memory::{read_csv, write_csv};
 
     #[test]
     fn sampler_records_rss_and_progress_and_csv_round_trips() {

@@ -1,4 +1,4 @@
-//! Per-token NLL logs (`nll.parquet`) and the self-describing run record (`run.json`).
+//! Per-token NLL logs (`nll.parquet`); the run record beside it is [`crate::records::run`].
 //!
 //! ```no_run
 //! use streamppl::nll_log::{NllLog, NllRecord};
@@ -16,7 +16,6 @@ use arrow::array::{Array, Float32Array, RecordBatch, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use serde::{Deserialize, Serialize};
 
 /// One scored token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,6 +82,21 @@ impl NllLog {
             .collect()
     }
 
+    /// exp(mean NLL) over the trailing `window` records ending at each record.
+    pub fn windowed_ppl(&self, window: usize) -> Vec<f64> {
+        let nll: Vec<f64> = self.records.iter().map(|r| r.nll as f64).collect();
+        let mut sum = 0f64;
+        (0..nll.len())
+            .map(|i| {
+                sum += nll[i];
+                if i >= window {
+                    sum -= nll[i - window];
+                }
+                (sum / (i + 1).min(window) as f64).exp()
+            })
+            .collect()
+    }
+
     /// Writes the log atomically (temp file, then rename), so a crash never leaves half a file.
     pub fn write_parquet(&self, path: &Path) -> Result<()> {
         let col = |f: fn(&NllRecord) -> u64| self.records.iter().map(f).collect::<Vec<_>>();
@@ -108,6 +122,15 @@ impl NllLog {
         writer.close()?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
         Ok(())
+    }
+
+    /// Rows of an NLL log file, from its footer (cheap: reads no data).
+    pub fn count_rows(path: &Path) -> Result<u64> {
+        let file =
+            File::open(path).with_context(|| format!("{}: cannot open NLL log", path.display()))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .with_context(|| format!("{}: not a whole parquet file", path.display()))?;
+        Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
     }
 
     pub fn read_parquet(path: &Path) -> Result<Self> {
@@ -154,97 +177,28 @@ impl NllLog {
     }
 }
 
-/// `run.json`: everything needed to regenerate tables and plots without re-running.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunRecord {
-    /// Strategy spec as given on the command line, e.g. `sink:4+252`.
-    pub strategy: String,
-    /// Human-readable label for tables and plot legends, e.g. `StreamingLLM 4+252`.
-    pub label: String,
-    /// `token` (token-by-token), `block` (block-parallel) or `windows` (recompute).
-    pub engine: String,
-    /// Fed tokens per forward pass of the block engine.
-    #[serde(default)]
-    pub block_size: Option<usize>,
-    /// True when the reported numbers are an approximation (e.g. `recompute:W/s` with s > 1).
-    pub approximate: bool,
-    /// Free-text qualification of the numbers, if any (e.g. the stride approximation).
-    pub note: Option<String>,
-    pub model: ModelInfo,
-    pub corpus: CorpusInfo,
-    /// Scored tokens.
-    pub tokens_scored: u64,
-    /// Fed tokens, injected sink tokens included.
-    pub tokens_fed: u64,
-    pub books_scored: u32,
-    pub sum_nll: f64,
-    pub ppl: f64,
-    pub words: u64,
-    pub bytes: u64,
-    pub word_perplexity: f64,
-    pub byte_perplexity: f64,
-    pub bits_per_byte: f64,
-    /// Standard error of the mean NLL; a `--score-every` sample's PPL is exp(mean +/- 1.96 SE).
-    #[serde(default)]
-    pub mean_nll_standard_error: f64,
-    pub per_book: Vec<BookMetrics>,
-    pub tokens_per_second: f64,
-    pub wall_seconds: f64,
-    /// Peak resident memory of the process during this run (Linux VmHWM, reset at the start).
-    #[serde(default)]
-    pub peak_rss_bytes: Option<u64>,
-    pub threads: usize,
-    pub versions: Versions,
-    /// UTC time the run finished, RFC 3339.
-    pub finished_at: String,
-    /// Hash of the options, model and token stream: a rerun with the same one is skipped.
-    #[serde(default)]
-    pub fingerprint: String,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ModelInfo {
-    pub path: String,
-    pub sha256: String,
-    pub architecture: String,
-    pub trained_context: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CorpusInfo {
-    pub path: String,
-    pub books: u32,
-    pub max_tokens: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BookMetrics {
-    pub book: u32,
-    pub title: String,
-    pub tokens_scored: u64,
-    pub ppl: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Versions {
-    pub streamppl: String,
-    pub candle: String,
-    pub tokenizers: String,
-}
-
-impl RunRecord {
-    pub fn write_json(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)? + "\n")
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-        Ok(())
-    }
-
-    pub fn read_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read run record", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a streamppl run.json", path.display()))
+    #[test]
+    fn windowed_ppl_is_the_trailing_mean() {
+        let log = NllLog {
+            records: [1.0f32, 3.0, 5.0, 7.0]
+                .iter()
+                .enumerate()
+                .map(|(i, &nll)| NllRecord {
+                    position: i as u64,
+                    book: 0,
+                    token_id: 1,
+                    nll,
+                })
+                .collect(),
+        };
+        let w = log.windowed_ppl(2);
+        let want = [1.0f64, 2.0, 4.0, 6.0].map(f64::exp);
+        for (a, b) in w.iter().zip(want) {
+            assert!((a - b).abs() < 1e-9 * b, "{w:?}");
+        }
     }
 }

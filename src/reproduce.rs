@@ -8,64 +8,22 @@
 //! `table1`'s runs.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
-use serde::{Deserialize, Serialize};
 
-use crate::eval::{EvalOptions, fingerprint, stream_for};
+use crate::eval::{EvalOptions, fingerprint, numerics_epoch, stream_for};
 use crate::experiment::{Experiment, Kind, Scale};
-use crate::latency::{LatencyOptions, LatencyPoint, measure_latency};
-use crate::nll_log::{RunRecord, Versions};
+use crate::latency::{LatencyOptions, measure_latency};
+use crate::records::experiment::{ExperimentRecord, RunEntry};
+use crate::records::latency::LatencyPoint;
+use crate::records::run::RunRecord;
+use crate::run_dir::check_log;
 use crate::runner::{
-    LoadedModel, discard_run, load_model, load_tokenized, now_rfc3339, progress_bar, run_one,
-    versions,
+    LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, progress_bar,
+    run_one, versions,
 };
 use crate::strategy::Strategy;
-
-/// `experiment.json`: the definition as run, and where its results are. Tables, figures and
-/// REPRODUCTION.md are regenerated from it and the run folders, never from memory.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ExperimentRecord {
-    pub experiment: Experiment,
-    pub scale: Scale,
-    pub model: String,
-    pub corpus: Vec<String>,
-    /// Run folders, in the experiment's order.
-    pub runs: Vec<RunEntry>,
-    /// Figure 10's measurements (latency experiments only).
-    #[serde(default)]
-    pub latency: Vec<LatencyPoint>,
-    pub threads: usize,
-    pub versions: Versions,
-    pub finished_at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunEntry {
-    pub id: String,
-    /// Folder of the run, relative to the experiment folder.
-    pub dir: String,
-}
-
-pub const RECORD: &str = "experiment.json";
-
-impl ExperimentRecord {
-    pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(RECORD);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a streamppl experiment record", path.display()))
-    }
-
-    fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(RECORD);
-        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")
-            .with_context(|| format!("{}: cannot write", path.display()))
-    }
-}
 
 pub struct ReproduceJob {
     /// Folder of the experiment files (`experiments/`).
@@ -78,16 +36,28 @@ pub struct ReproduceJob {
     pub out: Option<PathBuf>,
     pub model: PathBuf,
     pub corpus: Vec<PathBuf>,
-    pub rerun: bool,
-    pub checkpoint_every: Duration,
+    pub policy: RunPolicy,
 }
 
-/// Names of every experiment file in `dir`, sorted.
+/// Names of every experiment file in `dir`, sorted; an error naming the fix when there is none.
 pub fn all_names(dir: &Path) -> Result<Vec<String>> {
-    Ok(crate::experiment::list(dir)?
+    if !dir.is_dir() {
+        bail!(
+            "{}: no such folder of experiment files; run from the repository root, or give --experiments DIR",
+            dir.display()
+        );
+    }
+    let names: Vec<String> = crate::experiment::list(dir)?
         .iter()
         .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-        .collect())
+        .collect();
+    if names.is_empty() {
+        bail!(
+            "{}: holds no experiment file (NAME.toml); run from the repository root, or give --experiments DIR",
+            dir.display()
+        );
+    }
+    Ok(names)
 }
 
 /// The folder an experiment writes to.
@@ -102,16 +72,17 @@ pub fn out_dir(job: &ReproduceJob, name: &str) -> PathBuf {
 
 /// Runs every named experiment; returns their folders. All files are checked before any runs.
 pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
+    let known = all_names(&job.experiments)?;
     let experiments = job
         .names
         .iter()
         .map(|name| {
             let path = job.experiments.join(format!("{name}.toml"));
             if !path.is_file() {
-                let known = all_names(&job.experiments).unwrap_or_default().join(", ");
                 bail!(
-                    "unknown experiment `{name}`: no {}; known: {known}, or all",
-                    path.display()
+                    "unknown experiment `{name}`: no {}; known: {}, or all",
+                    path.display(),
+                    known.join(", ")
                 );
             }
             Experiment::load(&path)
@@ -163,28 +134,36 @@ fn run_experiment(
     let options: Vec<_> = runs.iter().map(|r| r.options.clone()).collect();
     let corpus = load_tokenized(lm, &job.corpus, exp.books.as_deref(), &options)?;
     let mut entries = Vec::new();
+    let mut stale = 0;
     for run in &runs {
         let name = run.options.run_name();
         let run_dir = dir.join(&name);
-        if job.rerun {
-            discard_run(&run_dir)?;
-        } else {
+        if !job.policy.rerun {
             let stream = stream_for(&lm.tokenizer, &corpus, &run.options)?;
-            let fp = fingerprint(&run.options, &lm.info.sha256, &stream);
+            let fp = fingerprint(&run.options, &lm.info.sha256, &stream, numerics_epoch());
             reuse_finished(&run_dir, &fp, dir.parent())?;
         }
-        run_one(
+        let finished = run_one(
             lm,
             &corpus,
             &job.corpus,
             &run.options,
             &run_dir,
-            job.checkpoint_every,
+            &job.policy,
         )?;
+        if finished.status == RunStatus::Stale {
+            stale += 1;
+        }
         entries.push(RunEntry {
             id: run.id.clone(),
             dir: name,
         });
+    }
+    if stale > 0 {
+        eprintln!(
+            "   {stale} stale run(s) kept in {} (computed by another numerics epoch); `--rerun-stale` recomputes them",
+            dir.display()
+        );
     }
     Ok(entries)
 }
@@ -196,8 +175,8 @@ const RUN_FILES: [&str; 3] = ["run.json", "nll.parquet", "memory.csv"];
 /// experiment folder beside it (`parent/*/*`), so the same computation is never done twice.
 fn reuse_finished(run_dir: &Path, fp: &str, parent: Option<&Path>) -> Result<()> {
     let finished = |d: &Path| {
-        RunRecord::read_json(&d.join("run.json")).is_ok_and(|r| r.fingerprint == fp)
-            && d.join("nll.parquet").is_file()
+        RunRecord::read_json(&d.join("run.json"))
+            .is_ok_and(|r| r.fingerprint == fp && check_log(d, &r).is_ok())
     };
     if finished(run_dir) {
         return Ok(());

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -13,12 +13,17 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpointer;
 use crate::corpus::{Book, load_corpora};
 use crate::engine::{EngineKind, run_strategy};
-use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, stream_for};
-use crate::memory::{MemorySampler, write_csv};
+use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, numerics_epoch, stream_for};
+use crate::memory::MemorySampler;
 use crate::model::Llama;
 use crate::model::gguf::load_gguf;
-use crate::nll_log::{CorpusInfo, ModelInfo, RunRecord, Versions};
+use crate::records::memory::write_csv;
+use crate::records::run::{
+    CorpusInfo, ModelInfo, RUN_SCHEMA, RunOptionsRecord, RunRecord, Versions,
+};
+use crate::run_dir::{Existing, RunIdentity, RunLock, discard_contents, existing_run};
 use crate::strategy::Strategy;
+use crate::stream::TokenStream;
 use crate::tokenizer::TextTokenizer;
 
 /// A loaded model with what run records say about it.
@@ -108,30 +113,98 @@ pub struct EvalJob {
     pub books: Option<String>,
     pub runs: Vec<EvalOptions>,
     pub out: PathBuf,
-    /// How often a running strategy saves its state (an interruption loses at most this much).
-    pub checkpoint_every: std::time::Duration,
-    /// Start every run afresh, even one finished or checkpointed on disk.
-    pub rerun: bool,
+    pub policy: RunPolicy,
 }
 
-/// Runs every strategy of the job; returns the run directories written.
-pub fn run_eval(job: &EvalJob) -> Result<Vec<PathBuf>> {
+/// How `run_one` treats what a run folder already holds, and how often it checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct RunPolicy {
+    /// How often a running strategy saves its state (an interruption loses at most this much).
+    pub checkpoint_every: Duration,
+    /// Start every run afresh, even one finished or checkpointed on disk.
+    pub rerun: bool,
+    /// Recompute finished runs of another numerics epoch (else they are kept and reported).
+    pub rerun_stale: bool,
+}
+
+impl RunPolicy {
+    pub fn new(checkpoint_every: Duration) -> Self {
+        RunPolicy {
+            checkpoint_every,
+            rerun: false,
+            rerun_stale: false,
+        }
+    }
+}
+
+/// How a run's numbers came to be in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Computed,
+    /// Finished before, with the same configuration.
+    Reused,
+    /// Finished before by another numerics epoch, and kept.
+    Stale,
+}
+
+/// A finished run: its record and how it came to be.
+#[derive(Debug, Clone)]
+pub struct FinishedRun {
+    pub record: RunRecord,
+    pub status: RunStatus,
+}
+
+/// Runs every strategy of the job; returns the finished runs in order.
+pub fn run_eval(job: &EvalJob) -> Result<Vec<FinishedRun>> {
     for opts in &job.runs {
         opts.validate()?;
     }
     let device = Device::Cpu;
     let lm = load_model(&job.model, &device)?;
     let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &job.runs)?;
-    let mut dirs = Vec::new();
-    for opts in &job.runs {
-        let dir = job.out.join(opts.run_name());
-        if job.rerun {
-            discard_run(&dir)?;
-        }
-        run_one(&lm, &corpus, &job.corpus, opts, &dir, job.checkpoint_every)?;
-        dirs.push(dir);
+    job.runs
+        .iter()
+        .map(|opts| {
+            let dir = job.out.join(opts.run_name());
+            run_one(&lm, &corpus, &job.corpus, opts, &dir, &job.policy)
+        })
+        .collect()
+}
+
+/// The line people know from llama.cpp's perplexity tool:
+/// `sink:4+1020  PPL = 79.057 +/- 0.812  (8192 tokens, 218.9 tok/s)`; the +/- is PPL x the
+/// standard error of the mean NLL (delta method).
+pub fn summary_line(run: &FinishedRun) -> String {
+    let r = &run.record;
+    let pm = r
+        .ppl_plus_minus()
+        .map_or("n/a".to_string(), |v| format!("{v:.3}"));
+    let mut name = r.strategy.clone();
+    if let Some(dir) = run_name_suffix(r) {
+        name.push_str(&dir);
     }
-    Ok(dirs)
+    let status = match run.status {
+        RunStatus::Computed => "",
+        RunStatus::Reused => ", already done",
+        RunStatus::Stale => ", STALE: another numerics epoch",
+    };
+    format!(
+        "{name}  PPL = {:.3} +/- {pm}  ({} tokens, {:.1} tok/s{status})",
+        r.ppl, r.tokens_scored, r.tokens_per_second
+    )
+}
+
+/// The variants of a run as its folder name writes them (`@no-pos-shift`, ...), if any.
+fn run_name_suffix(r: &RunRecord) -> Option<String> {
+    let strategy = r.options.strategy().ok()?;
+    let opts = EvalOptions {
+        pos_shift: r.options.pos_shift,
+        sink_text: r.options.sink_text.clone(),
+        score_every: r.options.score_every,
+        ..EvalOptions::new(strategy)
+    };
+    let name = opts.run_name();
+    name.find('@').map(|i| name[i..].to_string())
 }
 
 /// Loads the corpus, selects `--books`, and tokenizes (with a bar) as far as the longest of
@@ -153,38 +226,117 @@ pub fn load_tokenized(
     Ok(corpus)
 }
 
-/// Removes a run directory's results and checkpoint, so the run starts afresh.
-pub fn discard_run(dir: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("{}: cannot remove the old run", dir.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Runs one strategy into `dir` (`nll.parquet`, `run.json`), resuming from its checkpoint, or
-/// skipping it when `dir` already holds the finished run of the same configuration.
+/// Runs one strategy into `dir` (`nll.parquet`, `run.json`, `memory.csv`), holding the
+/// folder's lock: resumes from its checkpoint, skips a finished run of the same configuration,
+/// keeps (or with `rerun_stale` recomputes) one of another numerics epoch, and refuses to
+/// overwrite one of another configuration unless `rerun`.
 pub fn run_one(
     lm: &LoadedModel,
     corpus: &TokenizedCorpus,
     corpus_paths: &[PathBuf],
     opts: &EvalOptions,
     dir: &Path,
-    checkpoint_every: std::time::Duration,
-) -> Result<RunRecord> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
+    policy: &RunPolicy,
+) -> Result<FinishedRun> {
     let stream = stream_for(&lm.tokenizer, corpus, opts)?;
-    let fingerprint = fingerprint(opts, &lm.info.sha256, &stream);
-    if let Ok(done) = RunRecord::read_json(&dir.join("run.json"))
-        && done.fingerprint == fingerprint
-        && dir.join("nll.parquet").is_file()
-    {
-        eprintln!("{:<28} already done -> {}", opts.run_name(), dir.display());
-        return Ok(done);
+    let lock = RunLock::acquire(dir)?;
+    if policy.rerun {
+        discard_contents(dir)?;
     }
-    let mut ckpt = Checkpointer::new(dir, fingerprint.clone(), checkpoint_every);
+    let epoch = numerics_epoch();
+    let corpus_info = CorpusInfo {
+        path: corpus_paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        books: corpus.books.len() as u32,
+        max_tokens: opts.max_tokens,
+    };
+    let identity = RunIdentity {
+        run_name: opts.run_name(),
+        engine: opts.engine.name(opts.strategy).into(),
+        block_size: block_size(opts),
+        model_sha256: lm.info.sha256.clone(),
+        corpus: corpus_info.path.clone(),
+        books: corpus_info.books,
+        max_tokens: opts.max_tokens,
+        tokens_scored: stream.scored_count(),
+        numerics_epoch: epoch,
+    };
+    let fingerprint_at = |e| fingerprint(opts, &lm.info.sha256, &stream, e);
+    match existing_run(dir, &identity, fingerprint_at)? {
+        Existing::Nothing => {}
+        Existing::Same(record) => {
+            eprintln!("{:<28} already done -> {}", opts.run_name(), dir.display());
+            lock.finish();
+            return Ok(FinishedRun {
+                record,
+                status: RunStatus::Reused,
+            });
+        }
+        Existing::Stale(record) if !policy.rerun_stale => {
+            eprintln!(
+                "stale: {}: computed by numerics epoch {} (this build: {epoch}); `--rerun-stale` recomputes it",
+                dir.display(),
+                record.numerics_epoch
+            );
+            lock.finish();
+            return Ok(FinishedRun {
+                record,
+                status: RunStatus::Stale,
+            });
+        }
+        Existing::Stale(_) => discard_contents(dir)?,
+        Existing::Other(difference) => bail!(
+            "{}: holds a finished run of another configuration ({difference}); `--rerun` replaces it, or give another --out",
+            dir.display()
+        ),
+    }
+    let planned = PlannedRun {
+        fingerprint: fingerprint_at(epoch),
+        identity,
+        corpus_info,
+    };
+    let record = compute(lm, corpus, opts, dir, &stream, policy, planned)?;
+    lock.finish();
+    Ok(FinishedRun {
+        record,
+        status: RunStatus::Computed,
+    })
+}
+
+/// Block size of the block engine in run records; `None` for the other engines.
+fn block_size(opts: &EvalOptions) -> Option<usize> {
+    match (opts.engine, opts.strategy) {
+        (_, Strategy::Recompute { .. }) | (EngineKind::Token, _) => None,
+        (EngineKind::Block(b), _) => Some(b),
+    }
+}
+
+/// What a run to compute is known as before it runs.
+struct PlannedRun {
+    fingerprint: String,
+    identity: RunIdentity,
+    corpus_info: CorpusInfo,
+}
+
+/// Runs the engine over the stream (from the checkpoint, if any) and writes the run's files.
+fn compute(
+    lm: &LoadedModel,
+    corpus: &TokenizedCorpus,
+    opts: &EvalOptions,
+    dir: &Path,
+    stream: &TokenStream,
+    policy: &RunPolicy,
+    planned: PlannedRun,
+) -> Result<RunRecord> {
+    let PlannedRun {
+        fingerprint,
+        identity,
+        corpus_info,
+    } = planned;
+    let mut ckpt = Checkpointer::new(dir, fingerprint.clone(), policy.checkpoint_every);
     let bar = progress_bar(stream.scored_count(), &opts.run_name(), "tok");
     reset_peak_rss();
     let memory = MemorySampler::start(bar.clone(), Duration::from_secs(1));
@@ -194,7 +346,7 @@ pub fn run_one(
         opts.strategy,
         opts.pos_shift,
         opts.engine,
-        &stream,
+        stream,
         &bar,
         Some(&mut ckpt),
     )?;
@@ -205,25 +357,17 @@ pub fn run_one(
     // Throughput of this process only: tokens restored from a checkpoint took no time here.
     let scored_here = m.tokens - ckpt.resumed_tokens() as u64;
     let record = RunRecord {
+        schema: RUN_SCHEMA,
         strategy: opts.strategy.to_string(),
+        options: RunOptionsRecord::new(opts),
         label: opts.label(),
-        engine: opts.engine.name(opts.strategy).into(),
-        block_size: match (opts.engine, opts.strategy) {
-            (_, Strategy::Recompute { .. }) | (EngineKind::Token, _) => None,
-            (EngineKind::Block(b), _) => Some(b),
-        },
+        engine: identity.engine.clone(),
+        block_size: identity.block_size,
+        numerics_epoch: identity.numerics_epoch,
         approximate: opts.is_approximate(),
         note: approximation_note(opts, &m),
         model: lm.info.clone(),
-        corpus: CorpusInfo {
-            path: corpus_paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-            books: corpus.books.len() as u32,
-            max_tokens: opts.max_tokens,
-        },
+        corpus: corpus_info,
         tokens_scored: m.tokens,
         tokens_fed: stream.len() as u64,
         books_scored: m.per_book.len() as u32,

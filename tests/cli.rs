@@ -164,7 +164,8 @@ fn eval_table_and_plot_run_end_to_end() {
     );
     for run in ["dense", "sink:2+4", "recompute:4_2"] {
         let record =
-            streamppl::nll_log::RunRecord::read_json(&out_dir.join(run).join("run.json")).unwrap();
+            streamppl::records::run::RunRecord::read_json(&out_dir.join(run).join("run.json"))
+                .unwrap();
         let log = streamppl::nll_log::NllLog::read_parquet(&out_dir.join(run).join("nll.parquet"))
             .unwrap();
         assert_eq!(record.tokens_scored, log.len() as u64);
@@ -221,7 +222,7 @@ fn a_score_every_sample_is_labelled_as_such() {
         String::from_utf8_lossy(&out.stderr)
     );
     let run = out_dir.join("recompute:4@every-3");
-    let record = streamppl::nll_log::RunRecord::read_json(&run.join("run.json")).unwrap();
+    let record = streamppl::records::run::RunRecord::read_json(&run.join("run.json")).unwrap();
     assert!(
         record.approximate && record.label.contains("sample 1/3"),
         "{}",

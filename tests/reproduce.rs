@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use streamppl::nll_log::{NllLog, RunRecord};
-use streamppl::reproduce::ExperimentRecord;
+use streamppl::nll_log::NllLog;
+use streamppl::records::experiment::ExperimentRecord;
+use streamppl::records::run::RunRecord;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -24,13 +24,21 @@ pub fn compare_runs(a: &Path, b: &Path) -> Result<NllDiff> {
     compare_logs(&la, &lb).map_err(|e| anyhow::anyhow!("{} vs {}: {e}", a.display(), b.display()))
 }
 
+/// Compares two logs of the same tokens; logs of different lengths are refused rather than
+/// silently compared over their common prefix.
 pub fn compare_logs(a: &NllLog, b: &NllLog) -> Result<NllDiff> {
-    let n = a.len().min(b.len());
+    let n = a.len();
+    if n != b.len() {
+        bail!(
+            "the runs score {n} and {} tokens; compare runs over the same tokens (the same corpus, --books and --max-tokens)",
+            b.len()
+        );
+    }
     if n == 0 {
         bail!("no token to compare");
     }
     let (mut sum, mut max, mut max_at) = (0f64, 0f64, 0u64);
-    for (x, y) in a.records[..n].iter().zip(&b.records[..n]) {
+    for (x, y) in a.records.iter().zip(&b.records) {
         if (x.position, x.token_id) != (y.position, y.token_id) {
             bail!(
                 "the logs score different tokens at position {} (token {} vs {})",
@@ -72,10 +80,16 @@ mod tests {
     }
 
     #[test]
-    fn reports_mean_and_max_over_shared_positions() {
-        let d = compare_logs(&log(&[1.0, 2.0, 3.0]), &log(&[1.0, 2.5, 2.0, 9.0])).unwrap();
+    fn reports_mean_and_max_over_the_tokens() {
+        let d = compare_logs(&log(&[1.0, 2.0, 3.0]), &log(&[1.0, 2.5, 2.0])).unwrap();
         assert_eq!(d.tokens, 3);
         assert!((d.mean_abs - 0.5).abs() < 1e-9 && (d.max_abs - 1.0).abs() < 1e-9 && d.max_at == 2);
+    }
+
+    #[test]
+    fn refuses_logs_of_different_lengths() {
+        let err = compare_logs(&log(&[1.0, 2.0, 3.0]), &log(&[1.0, 2.5, 2.0, 9.0])).unwrap_err();
+        assert!(err.to_string().contains("3 and 4 tokens"), "{err}");
     }
 
     #[test]

@@ -4,16 +4,19 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-
+use super::figures::fmt_ppl;
 use super::table::cell;
-use super::{Run, plot_latency, plot_long_stream};
+use super::{Run, plot_latency, plot_long_stream, render_sweep};
+use crate::eval::numerics_epoch;
 use crate::experiment::{Kind, Plot};
-use crate::latency::LatencyPoint;
-use crate::memory::read_csv;
-use crate::nll_log::{NllLog, RunRecord};
-use crate::reproduce::{ExperimentRecord, RECORD};
+use crate::nll_log::NllLog;
+use crate::records::experiment::{EXPERIMENT_JSON, ExperimentRecord};
+use crate::records::latency::LatencyPoint;
+use crate::records::memory::read_csv;
+use crate::records::run::RunRecord;
+use crate::records::sweep::SWEEP_JSON;
 use crate::strategy::Strategy;
+use anyhow::{Context, Result};
 
 /// A run of an experiment with its log.
 struct LoadedRun {
@@ -85,15 +88,11 @@ fn load(dir: &Path, rec: &ExperimentRecord) -> Result<Vec<LoadedRun>> {
     rec.runs
         .iter()
         .map(|e| {
-            let run_dir = dir.join(&e.dir);
-            let record = RunRecord::read_json(&run_dir.join("run.json"))?;
-            let log = NllLog::read_parquet(&run_dir.join("nll.parquet"))?;
+            let run = Run::load(dir.join(&e.dir))?;
+            let log = NllLog::read_parquet(&run.dir.join("nll.parquet"))?;
             Ok(LoadedRun {
                 id: e.id.clone(),
-                run: Run {
-                    dir: run_dir,
-                    record,
-                },
+                run,
                 log,
             })
         })
@@ -143,11 +142,7 @@ fn draw(dir: &Path, rec: &ExperimentRecord, plot: Plot, runs: &[LoadedRun]) -> R
 
 /// Whether a run scored only a sample of its tokens (`--score-every`).
 fn sampled(r: &RunRecord) -> bool {
-    r.approximate
-        && !r
-            .strategy
-            .parse::<Strategy>()
-            .is_ok_and(|s| s.is_approximate())
+    r.options.is_sample()
 }
 
 fn ci95(r: &RunRecord) -> (f64, f64) {
@@ -155,8 +150,6 @@ fn ci95(r: &RunRecord) -> (f64, f64) {
     let se = r.mean_nll_standard_error;
     ((mean - 1.96 * se).exp(), (mean + 1.96 * se).exp())
 }
-
-use super::figures::fmt_ppl;
 
 fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
     let paper = &rec.experiment.paper;
@@ -204,6 +197,14 @@ fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
     for r in runs.iter().filter(|r| sampled(&r.run.record)) {
         let _ = writeln!(out, "\n- {}", paired_sentence(r, runs));
     }
+    let epoch = numerics_epoch();
+    for r in runs.iter().filter(|r| r.run.record.numerics_epoch != epoch) {
+        let _ = writeln!(
+            out,
+            "\n- Stale: `{}` was computed by numerics epoch {}, this build's is {epoch}; `streamppl reproduce {} --rerun-stale` recomputes it.",
+            r.id, r.run.record.numerics_epoch, rec.experiment.name
+        );
+    }
     out
 }
 
@@ -247,21 +248,6 @@ fn paired_sentence(sample: &LoadedRun, runs: &[LoadedRun]) -> String {
     s + "."
 }
 
-/// exp(mean NLL) over the trailing `window` records ending at each record.
-pub fn windowed_ppl(log: &NllLog, window: usize) -> Vec<f64> {
-    let mut sum = 0f64;
-    let nll: Vec<f64> = log.records.iter().map(|r| r.nll as f64).collect();
-    (0..nll.len())
-        .map(|i| {
-            sum += nll[i];
-            if i >= window {
-                sum -= nll[i - window];
-            }
-            (sum / (i + 1).min(window) as f64).exp()
-        })
-        .collect()
-}
-
 /// For each exact run other than the reference that scores the same tokens: the first scored
 /// token (once a whole window is in) where its windowed PPL is `DEPARTURE_RATIO` times the
 /// reference's, or `None` if it never is.
@@ -275,13 +261,13 @@ fn departures(rec: &ExperimentRecord, runs: &[LoadedRun]) -> Vec<(String, Option
         return Vec::new();
     };
     let window = PPL_WINDOW.min(reference.log.len() / 4).max(1);
-    let base = windowed_ppl(&reference.log, window);
+    let base = reference.log.windowed_ppl(window);
     runs.iter()
         .filter(|r| {
             r.id != reference.id && !r.run.record.approximate && r.log.len() == reference.log.len()
         })
         .map(|r| {
-            let w = windowed_ppl(&r.log, window);
+            let w = r.log.windowed_ppl(window);
             let at = (window - 1..w.len())
                 .find(|&i| w[i] >= DEPARTURE_RATIO * base[i])
                 .map(|i| r.log.records[i].position + 1);
@@ -308,18 +294,20 @@ fn runs_reading(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
         ));
     }
     // Window attention against the same cache with sinks.
-    let strategy = |r: &LoadedRun| r.run.record.strategy.parse::<Strategy>().ok();
-    for w in exact.iter().filter(|r| {
-        matches!(strategy(r), Some(Strategy::Sink { sinks: 0, .. }))
-            && r.run.record.label.find("no pos").is_none()
-    }) {
+    let strategy = |r: &LoadedRun| r.run.record.options.strategy().ok();
+    let pos_shift = |r: &&&LoadedRun| r.run.record.options.pos_shift;
+    for w in exact
+        .iter()
+        .filter(pos_shift)
+        .filter(|r| matches!(strategy(r), Some(Strategy::Sink { sinks: 0, .. })))
+    {
         let Some(Strategy::Sink { window, .. }) = strategy(w) else {
             continue;
         };
         let with_sinks: Vec<String> = exact
             .iter()
+            .filter(pos_shift)
             .filter(|r| matches!(strategy(r), Some(Strategy::Sink { sinks, window: ww }) if sinks > 0 && sinks + ww == window))
-            .filter(|r| r.run.record.label.find("no pos").is_none())
             .map(|r| format!("`{}` {}", r.id, fmt_ppl(r.run.record.ppl)))
             .collect();
         if !with_sinks.is_empty() {
@@ -398,7 +386,7 @@ fn pairwise_agreement(values: &[(&str, f64, f64)]) -> (usize, usize) {
 
 fn long_stream_sentence(r: &LoadedRun) -> String {
     let rr = &r.run.record;
-    let w = windowed_ppl(&r.log, PPL_WINDOW);
+    let w = r.log.windowed_ppl(PPL_WINDOW);
     let half = &w[w.len() / 2..];
     let (lo, hi) = half
         .iter()
@@ -550,11 +538,17 @@ fn latency_reading(rec: &ExperimentRecord) -> String {
 /// Re-renders every experiment under `results` (folders with `experiment.json`, one or two
 /// levels down) and every sweep (`sweep.json`), and writes `results/REPRODUCTION.md`; returns its path.
 pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
+    if !results.is_dir() {
+        anyhow::bail!(
+            "{}: no such folder; give the folder `streamppl reproduce` wrote (default: results)",
+            results.display()
+        );
+    }
     let mut dirs = Vec::new();
-    find_marked(results, RECORD, 2, &mut dirs)?;
+    find_marked(results, EXPERIMENT_JSON, 2, &mut dirs)?;
     if dirs.is_empty() {
         anyhow::bail!(
-            "{}: holds no experiment (no {RECORD}); run `streamppl reproduce` first",
+            "{}: holds no experiment (no {EXPERIMENT_JSON}); run `streamppl reproduce` first",
             results.display()
         );
     }
@@ -572,10 +566,10 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
     }
     // Sweeps (folders with sweep.json), after the experiments.
     let mut sweeps = Vec::new();
-    find_marked(results, "sweep.json", 2, &mut sweeps)?;
+    find_marked(results, SWEEP_JSON, 2, &mut sweeps)?;
     sweeps.sort();
     for dir in &sweeps {
-        let grid = std::fs::read_to_string(crate::sweep::render_sweep(dir)?)?;
+        let grid = std::fs::read_to_string(render_sweep(dir)?)?;
         let rel = dir.strip_prefix(results).unwrap_or(dir);
         let body = grid
             .split_once('\n')
@@ -612,31 +606,6 @@ fn find_marked(dir: &Path, marker: &str, depth: usize, out: &mut Vec<PathBuf>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nll_log::NllRecord;
-
-    fn log(nll: &[f32]) -> NllLog {
-        NllLog {
-            records: nll
-                .iter()
-                .enumerate()
-                .map(|(i, &nll)| NllRecord {
-                    position: i as u64,
-                    book: 0,
-                    token_id: 1,
-                    nll,
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn windowed_ppl_is_the_trailing_mean() {
-        let w = windowed_ppl(&log(&[1.0, 3.0, 5.0, 7.0]), 2);
-        let want = [1.0f64, 2.0, 4.0, 6.0].map(f64::exp);
-        for (a, b) in w.iter().zip(want) {
-            assert!((a - b).abs() < 1e-9 * b, "{w:?}");
-        }
-    }
 
     #[test]
     fn pairwise_agreement_counts_ties_as_agreeing() {

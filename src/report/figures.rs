@@ -12,15 +12,14 @@ use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::experiment::windowed_ppl;
 use super::plot::{
     DASH, FONT, LegendEntry, MAX_POINTS, PALETTE, Render, check_png, downsample,
     downsample_by_position, draw_legend, draw_markers, fmt_tokens, fmt_value, house_style,
     log_ticks, plottable, settled_y_range, write_png_and_svg, x_max, y_range,
 };
-use crate::latency::LatencyPoint;
-use crate::memory::MemorySample;
 use crate::nll_log::NllLog;
+use crate::records::latency::LatencyPoint;
+use crate::records::memory::MemorySample;
 
 /// Right-hand column for a legend, so it never hides a curve.
 const LEGEND_WIDTH: u32 = 300;
@@ -654,7 +653,7 @@ struct LongStream<'a> {
 impl<'a> LongStream<'a> {
     fn new(log: &NllLog, memory: &[MemorySample], window: usize, title: &'a str) -> Self {
         let running = downsample_by_position(log, &log.running_ppl());
-        let windowed = downsample_by_position(log, &windowed_ppl(log, window));
+        let windowed = downsample_by_position(log, &log.windowed_ppl(window));
         // Half a token before the first token of the new book.
         let boundaries = log
             .records

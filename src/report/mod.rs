@@ -12,18 +12,21 @@ mod compare;
 mod experiment;
 mod figures;
 mod plot;
+mod sweep;
 mod table;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::nll_log::RunRecord;
+use crate::records::run::RunRecord;
+use crate::run_dir::check_log;
 
 pub use compare::{NllDiff, compare_logs, compare_runs};
-pub use experiment::{PPL_WINDOW, render_experiment, windowed_ppl, write_reproduction};
+pub use experiment::{PPL_WINDOW, render_experiment, write_reproduction};
 pub use figures::{HeatmapCell, plot_heatmap, plot_latency, plot_long_stream};
 pub use plot::plot_running_ppl;
+pub use sweep::render_sweep;
 pub use table::markdown_table;
 
 /// The record file that marks a directory as a run directory.
@@ -34,6 +37,20 @@ const RUN_JSON: &str = "run.json";
 pub struct Run {
     pub dir: PathBuf,
     pub record: RunRecord,
+}
+
+impl Run {
+    /// Reads a run folder's record and checks that its log holds the tokens it counts.
+    pub fn load(dir: PathBuf) -> Result<Self> {
+        let record = RunRecord::read_json(&dir.join(RUN_JSON))?;
+        check_log(&dir, &record).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; recompute the run (`--rerun`) or remove {}",
+                dir.display()
+            )
+        })?;
+        Ok(Run { dir, record })
+    }
 }
 
 /// Each path is either a run directory (has run.json) or a directory whose subdirectories
@@ -52,8 +69,7 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
         }
         dirs.sort();
         for dir in dirs {
-            let record = RunRecord::read_json(&dir.join(RUN_JSON))?;
-            runs.push(Run { dir, record });
+            runs.push(Run::load(dir)?);
         }
     }
     Ok(runs)
@@ -86,7 +102,8 @@ pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::nll_log::{BookMetrics, CorpusInfo, ModelInfo, NllLog, NllRecord, Versions};
+    use crate::nll_log::{NllLog, NllRecord};
+    use crate::records::run::{BookMetrics, CorpusInfo, ModelInfo, Versions};
 
     pub(crate) const TRAINED_CONTEXT: usize = 2048;
 
@@ -139,7 +156,13 @@ pub(crate) mod tests {
 
     fn fake_record(label: &str, strategy: &str, approximate: bool, log: &NllLog) -> RunRecord {
         let tokens = log.len() as u64;
+        let strategy_spec: crate::strategy::Strategy = strategy.parse().expect("a strategy");
         RunRecord {
+            schema: crate::records::run::RUN_SCHEMA,
+            options: crate::records::run::RunOptionsRecord::new(&crate::eval::EvalOptions::new(
+                strategy_spec,
+            )),
+            numerics_epoch: crate::eval::NUMERICS_EPOCH,
             strategy: strategy.to_string(),
             label: label.to_string(),
             engine: "token".to_string(),

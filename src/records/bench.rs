@@ -1,0 +1,50 @@
+//! `results/bench/NAME.json`: the speed and memory figures of one `streamppl bench` run, with
+//! the machine they ran on.
+
+use serde::{Deserialize, Serialize};
+
+use super::float;
+use super::run::Versions;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Measurement {
+    pub name: String,
+    pub strategy: String,
+    pub engine: String,
+    pub block_size: Option<usize>,
+    pub tokens: u64,
+    #[serde(with = "float")]
+    pub tokens_per_second: f64,
+    #[serde(with = "float")]
+    pub wall_seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+    #[serde(with = "float")]
+    pub ppl: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub name: String,
+    pub machine: Machine,
+    pub threads: usize,
+    /// Each figure is one run (the runs are long; their own progress is steady after warm-up).
+    pub runs_per_figure: u32,
+    pub model: String,
+    pub corpus: String,
+    pub measurements: Vec<Measurement>,
+    /// Block-engine over token-engine tokens/s for `sink:4+1020`.
+    pub block_speedup: f64,
+    /// Peak RSS of the long flat-memory run over the short one.
+    pub rss_ratio_long_over_short: Option<f64>,
+    pub versions: Versions,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    /// 1-minute load average when the bench started (an idle machine reads near 0).
+    pub load_average_at_start: f64,
+}

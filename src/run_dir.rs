@@ -232,3 +232,45 @@ pub fn check_log(dir: &Path, record: &RunRecord) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("streamppl-rundir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_until_the_first_lets_go() {
+        let dir = scratch("lock").join("sink:4+8");
+        let first = RunLock::acquire(&dir).expect("the first writer locks");
+        let err = RunLock::acquire(&dir).err().expect("the second is refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("another streamppl process") && !msg.contains('\n'),
+            "{msg}"
+        );
+        assert!(dir.is_dir(), "a refused writer leaves the folder alone");
+        first.finish();
+        let again = RunLock::acquire(&dir).expect("free again once dropped");
+        again.finish();
+        assert!(!dir.join(LOCK).exists(), "the lock file goes with the lock");
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+
+    #[test]
+    fn a_failed_run_leaves_no_empty_folder_it_made() {
+        let root = scratch("failed");
+        let dir = root.join("window:8");
+        drop(RunLock::acquire(&dir).unwrap()); // dropped without finish: the run failed
+        assert!(!dir.exists());
+        std::fs::create_dir_all(&dir).unwrap();
+        drop(RunLock::acquire(&dir).unwrap()); // a folder the user made stays
+        assert!(dir.is_dir());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

@@ -241,6 +241,125 @@ pub(crate) mod tests {
         (scratch, runs)
     }
 
+    /// Runs of 0, 1 and 2 tokens, whose standard error is undefined or whose PPL is infinite,
+    /// must round-trip through run.json and be readable by every report.
+    #[test]
+    fn records_of_tiny_runs_and_non_finite_metrics_round_trip_through_the_reports() {
+        let scratch = Scratch::new("tiny");
+        for (tokens, nll, se) in [
+            (0usize, 1.0f32, f64::NAN),
+            (1, 2.0, f64::NAN),
+            (2, 3.0, 0.5),
+            (2, f32::INFINITY, f64::INFINITY),
+        ] {
+            let dir = scratch.0.join(format!("run-{tokens}-{nll}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut log = NllLog::default();
+            for i in 0..tokens {
+                log.push(NllRecord {
+                    position: i as u64,
+                    book: 0,
+                    token_id: 1,
+                    nll,
+                });
+            }
+            log.write_parquet(&dir.join("nll.parquet")).unwrap();
+            let mut record = fake_record("Dense", "dense", false, &log);
+            record.mean_nll_standard_error = se;
+            record.write_json(&dir.join(RUN_JSON)).unwrap();
+            let back = RunRecord::read_json(&dir.join(RUN_JSON)).unwrap();
+            let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+            assert!(same(back.mean_nll_standard_error, se), "{tokens} tokens");
+            assert!(same(back.ppl, record.ppl) && same(back.sum_nll, record.sum_nll));
+            assert_eq!(back.tokens_scored, tokens as u64);
+        }
+        let runs = load_runs(std::slice::from_ref(&scratch.0)).expect("every run loads");
+        assert_eq!(runs.len(), 4);
+        let table = markdown_table(&runs);
+        assert_eq!(table.matches("| Dense").count(), 4, "{table}");
+        let with_tokens: Vec<Run> = runs
+            .into_iter()
+            .filter(|r| r.record.tokens_scored > 0)
+            .collect();
+        plot_running_ppl(&with_tokens, &scratch.0.join("ppl.png"), "tiny").expect("plots");
+    }
+
+    #[test]
+    fn a_missing_or_short_log_is_refused_by_name() {
+        let (scratch, _) = fake_runs("short-log");
+        let dir = scratch.0.join("a-dense");
+        NllLog::default()
+            .write_parquet(&dir.join("nll.parquet"))
+            .unwrap();
+        let err = load_runs(std::slice::from_ref(&scratch.0)).unwrap_err();
+        assert!(err.to_string().contains("holds 0 tokens"), "{err}");
+        std::fs::remove_file(dir.join("nll.parquet")).unwrap();
+        let err = load_runs(std::slice::from_ref(&scratch.0)).unwrap_err();
+        assert!(
+            err.to_string().contains("nll.parquet: missing") && !err.to_string().contains('\n'),
+            "{err}"
+        );
+    }
+
+    /// run.json files of schema 1 (the committed results were written so) load with their
+    /// options taken from the strategy spec and the run folder's variant suffixes.
+    #[test]
+    fn schema_1_records_migrate_with_their_options() {
+        let scratch = Scratch::new("v1");
+        let cases = [
+            (
+                "sink:4+1020@sink-text=%0A",
+                "sink:4+1020",
+                true,
+                Some("\n"),
+                None,
+            ),
+            ("window:1024@no-pos-shift", "window:1024", false, None, None),
+            (
+                "recompute:1024@every-512",
+                "recompute:1024",
+                true,
+                None,
+                Some(512),
+            ),
+        ];
+        for (folder, spec, pos_shift, sink_text, score_every) in cases {
+            let mut value = serde_json::to_value(fake_record("x", spec, false, &NllLog::default()))
+                .expect("a record as JSON");
+            let obj = value.as_object_mut().expect("an object");
+            for key in [
+                "schema",
+                "kind",
+                "sinks",
+                "window",
+                "stride",
+                "pos_shift",
+                "sink_text",
+                "score_every",
+                "numerics_epoch",
+            ] {
+                obj.remove(key);
+            }
+            obj.insert("mean_nll_standard_error".into(), serde_json::Value::Null);
+            let dir = scratch.0.join(folder);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(RUN_JSON), value.to_string()).unwrap();
+            let r = RunRecord::read_json(&dir.join(RUN_JSON)).expect("a schema-1 record loads");
+            assert_eq!((r.schema, r.numerics_epoch), (1, 1));
+            assert!(r.mean_nll_standard_error.is_nan());
+            assert_eq!(r.options.pos_shift, pos_shift, "{folder}");
+            assert_eq!(r.options.sink_text.as_deref(), sink_text, "{folder}");
+            assert_eq!(r.options.score_every, score_every, "{folder}");
+            assert_eq!(r.options.strategy().unwrap().to_string(), spec);
+        }
+        // A committed result, whatever its schema.
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("results/table1/sink:4+1020@sink-text=%0A")
+            .join(RUN_JSON);
+        let r = RunRecord::read_json(&committed).expect("the committed record loads");
+        assert_eq!(r.options.sink_text.as_deref(), Some("\n"));
+    }
+
     #[test]
     fn load_runs_finds_nested_runs_sorted() {
         let (scratch, runs) = fake_runs("load");

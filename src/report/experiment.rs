@@ -197,15 +197,26 @@ fn runs_table(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
     for r in runs.iter().filter(|r| sampled(&r.run.record)) {
         let _ = writeln!(out, "\n- {}", paired_sentence(r, runs));
     }
-    let epoch = numerics_epoch();
-    for r in runs.iter().filter(|r| r.run.record.numerics_epoch != epoch) {
-        let _ = writeln!(
-            out,
-            "\n- Stale: `{}` was computed by numerics epoch {}, this build's is {epoch}; `streamppl reproduce {} --rerun-stale` recomputes it.",
-            r.id, r.run.record.numerics_epoch, rec.experiment.name
-        );
-    }
+    out.push_str(&stale_note(rec, runs));
     out
+}
+
+/// One footnote naming the runs computed by another numerics epoch than this build's.
+fn stale_note(rec: &ExperimentRecord, runs: &[LoadedRun]) -> String {
+    let epoch = numerics_epoch();
+    let stale: Vec<String> = runs
+        .iter()
+        .filter(|r| r.run.record.numerics_epoch != epoch)
+        .map(|r| format!("`{}` (epoch {})", r.id, r.run.record.numerics_epoch))
+        .collect();
+    if stale.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n- Stale, computed by another numerics epoch than this build's ({epoch}): {}; `streamppl reproduce {} --rerun-stale` recomputes them.\n",
+        stale.join(", "),
+        rec.experiment.name
+    )
 }
 
 /// A sample's PPL beside every exact run's PPL on the very same tokens.

@@ -94,11 +94,10 @@ pub fn discard_contents(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What identifies a run's computation, as a reader can compare it: every field a run record
-/// holds that the fingerprint covers.
+/// What tells two computations in the same run folder apart, as a reader can compare them:
+/// the fields of a run record that the fingerprint covers, but the options (the folder's name).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunIdentity {
-    pub run_name: String,
     pub engine: String,
     pub block_size: Option<usize>,
     pub model_sha256: String,
@@ -110,9 +109,8 @@ pub struct RunIdentity {
 }
 
 impl RunIdentity {
-    fn of(record: &RunRecord, run_name: &str) -> Self {
+    fn of(record: &RunRecord) -> Self {
         RunIdentity {
-            run_name: run_name.to_string(),
             engine: record.engine.clone(),
             block_size: record.block_size,
             model_sha256: record.model.sha256.clone(),
@@ -204,7 +202,7 @@ pub fn existing_run(
     {
         return Ok(Existing::Stale(record));
     }
-    let old = RunIdentity::of(&record, &new.run_name);
+    let old = RunIdentity::of(&record);
     let mut diff = old.differences(new);
     if diff.is_empty() {
         diff.push("the token stream differs (corpus text, book selection or tokenizer)".into());

@@ -254,7 +254,6 @@ pub fn run_one(
         max_tokens: opts.max_tokens,
     };
     let identity = RunIdentity {
-        run_name: opts.run_name(),
         engine: opts.engine.name(opts.strategy).into(),
         block_size: block_size(opts),
         model_sha256: lm.info.sha256.clone(),

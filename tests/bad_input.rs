@@ -4,11 +4,12 @@
 //!
 //! To add a case, add a row to `CASES`. A row's command line is split on spaces; '...' is one
 //! argument (spaces kept, '' is empty). Placeholders name the fixtures that `Fixtures::new`
-//! writes into a temp dir: `{dir}` (the temp dir), `{tiny}` (a valid tiny GGUF model with a
-//! byte-level tokenizer: one token per byte), `{books}` (a folder of 3 text books), `{text}`
-//! (one text file), `{run}` (a finished run of the tiny model), `{fifo}` (a named pipe),
-//! `{dir}/NAME.gguf` (the tiny model with one defect, see `bad_models`), and `{model}` (the
-//! real model; rows with it are skipped when it is missing).
+//! writes into a fresh temp dir: `{dir}` (the temp dir, with more files in it: see
+//! `Fixtures::new`), `{tiny}` (a valid tiny GGUF model with a byte-level tokenizer: one token
+//! per byte), `{books}` (a folder of 3 text books), `{text}` (one text file), `{run}` (a
+//! finished run of the tiny model), `{fifo}` (a named pipe), `{dir}/NAME.gguf` (the tiny
+//! model with one defect, see `bad_models`), and `{model}` (the real model; rows with it are
+//! skipped, loudly, when it is missing, and fail when STREAMPPL_REQUIRE_MODELS=1).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -268,6 +269,36 @@ const CASES: &[(&str, &str)] = &[
         "eval --model {tiny} --corpus {dir}/empty-folder --strategy dense",
         "empty-folder",
     ),
+    (
+        "eval --model {tiny} --corpus {dir}/wrong-schema.parquet --strategy dense",
+        "wrong-schema.parquet: no `text` column (columns: body)",
+    ),
+    (
+        "eval --model {tiny} --corpus {dir}/text.parquet --strategy dense",
+        "text.parquet: not a readable parquet file",
+    ),
+    (
+        "eval --model {tiny} --corpus {dir}/bad.jsonl --strategy dense",
+        "bad.jsonl: line 1: no \"text\" string field",
+    ),
+    (
+        "eval --model {tiny} --corpus {dir}/latin1.txt --strategy dense",
+        "latin1.txt: not valid UTF-8 at byte offset 3",
+    ),
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --out {text}",
+        "cannot create output folder",
+    ),
+    ("table {dir}/empty-folder", "holds no run"),
+    ("report {dir}/empty-folder", "holds no experiment"),
+    (
+        "reproduce no-such-experiment --model {tiny}",
+        "unknown experiment `no-such-experiment`",
+    ),
+    (
+        "sweep --sinks '' --windows 4",
+        "invalid value '' for '--sinks <SINKS>'",
+    ),
     ("eval --model {tiny} --corpus {books}", "--strategy"),
     (
         "evaluate --model {tiny}",
@@ -449,6 +480,10 @@ impl Fixtures {
         }
         std::fs::write(dir.join("book.txt"), BOOKS[0]).unwrap();
         std::fs::write(dir.join("empty.gguf"), "").unwrap();
+        std::fs::write(dir.join("text.parquet"), BOOKS[0]).unwrap();
+        std::fs::write(dir.join("bad.jsonl"), "{\"text\": 3}\n").unwrap();
+        std::fs::write(dir.join("latin1.txt"), b"caf\xe9").unwrap();
+        write_wrong_schema_parquet(&dir.join("wrong-schema.parquet"));
         let fifo = Command::new("mkfifo").arg(dir.join("fifo")).status();
         assert!(fifo.is_ok_and(|s| s.success()), "mkfifo failed");
         let tiny = TinyGguf::valid();
@@ -680,6 +715,17 @@ fn bad_models() -> Vec<(&'static str, TinyGguf)> {
             t().with(theta, Value::String("1e4".into())),
         ),
     ]
+}
+
+/// A parquet file whose one column is `body`, not PG19's `text`.
+fn write_wrong_schema_parquet(path: &Path) {
+    let body: arrow::array::ArrayRef =
+        std::sync::Arc::new(arrow::array::StringArray::from(vec![BOOKS[0]]));
+    let batch = arrow::array::RecordBatch::try_from_iter([("body", body)]).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
 }
 
 /// GPT-2's printable stand-in for byte `b` in byte-level BPE vocabularies.

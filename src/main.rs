@@ -47,6 +47,8 @@ enum Command {
         #[arg(long)]
         books: Option<String>,
         /// Use S copies of this text's token as the sinks (e.g. "\n"), fed before the corpus.
+        /// Backslash escapes are read: \n, \t, \r, \\, \", \xHH (ASCII) and \u{HEX}; any other
+        /// escape is an error, so write \\ for a literal backslash.
         #[arg(long)]
         sink_text: Option<String>,
         /// Cache keys at their stream positions instead of positions inside the cache.
@@ -57,7 +59,7 @@ enum Command {
         /// `block` (B fed tokens per forward pass, exact masks) or `token` (one pass per token, the reference).
         #[arg(long, value_enum, default_value = "block")]
         engine: EngineArg,
-        /// Fed tokens per forward pass of the block engine.
+        /// Fed tokens per forward pass of the block engine (1 to 65536).
         #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
         /// Score only every k-th token (positions 0, k, 2k, ...): makes exact recompute:W affordable; reported as a sample with its 95% interval.
@@ -107,6 +109,7 @@ enum Command {
         name: String,
         #[arg(long, default_value = "results/bench")]
         out: PathBuf,
+        /// Fed tokens per forward pass of the block engine (1 to 65536).
         #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
         block_size: usize,
         /// Small sizes: a smoke test of the bench itself, not figures to report.
@@ -219,8 +222,61 @@ enum CorpusCommand {
     },
 }
 
+/// The largest `--block-size`: a block's mask and attention scores are B x keys floats and its
+/// activations B x ffn, so at B = 64K the mask over 4096 keys alone is 1 GiB; a larger B
+/// only fails to allocate.
+const MAX_BLOCK_SIZE: usize = 1 << 16;
+
+fn check_block_size(block_size: usize) -> Result<usize> {
+    if !(1..=MAX_BLOCK_SIZE).contains(&block_size) {
+        anyhow::bail!(
+            "--block-size {block_size}: give 1 to {MAX_BLOCK_SIZE} fed tokens per forward pass (the default is {})",
+            streamppl::eval::DEFAULT_BLOCK_SIZE
+        );
+    }
+    Ok(block_size)
+}
+
+/// Parses the command line; help and version print as usual, and a usage error becomes one
+/// line (clap's own message, without its usage block) like every other error.
+fn parse_cli() -> Result<Cli, String> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind::{
+            DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion,
+        };
+        if matches!(
+            e.kind(),
+            DisplayHelp | DisplayHelpOnMissingArgumentOrSubcommand | DisplayVersion
+        ) {
+            e.exit();
+        }
+        let text = e.render().to_string();
+        let mut message = String::new();
+        for line in text
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+            .filter(|l| !l.is_empty())
+        {
+            if !message.is_empty() {
+                message.push_str(if message.ends_with(':') { " " } else { "; " });
+            }
+            message.push_str(line);
+        }
+        let message = message.strip_prefix("error: ").unwrap_or(&message);
+        format!("{message} (see --help)")
+    })
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of contexts, outermost first.
@@ -250,12 +306,21 @@ fn run(cli: Cli) -> Result<()> {
             block_size,
             score_every,
         } => {
-            if block_size == 0 {
-                anyhow::bail!(
-                    "--block-size 0: give at least 1 (the default is {})",
-                    streamppl::eval::DEFAULT_BLOCK_SIZE
-                );
-            }
+            let block_size = check_block_size(block_size)?;
+            let sink_text = sink_text
+                .map(|text| {
+                    // Shown as typed, but on one line: control characters escaped.
+                    let shown: String = text
+                        .chars()
+                        .map(|c| match c.is_control() {
+                            true => c.escape_default().to_string(),
+                            false => c.to_string(),
+                        })
+                        .collect();
+                    streamppl::tokenizer::unescape(&text)
+                        .with_context(|| format!("--sink-text `{shown}`"))
+                })
+                .transpose()?;
             let engine = match engine {
                 EngineArg::Block => EngineKind::Block(block_size),
                 EngineArg::Token => EngineKind::Token,
@@ -331,6 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 BenchSizes::FULL
             };
+            let block_size = check_block_size(block_size)?;
             let report = run_bench(&model, &corpus, &name, &sizes, block_size, &out)?;
             print!("{}", streamppl::bench::markdown(&report));
         }

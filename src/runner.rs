@@ -76,34 +76,61 @@ pub fn progress_bar(len: u64, what: &str, unit: &str) -> ProgressBar {
     bar
 }
 
-/// Selects books by `--books`: `N` (the first N), `A-B` (indices A..=B) or `I,J,K`.
+/// Selects books by `--books`: `N` (the first N, or all if fewer), `A-B` (indices A..=B) or
+/// `I,J,K` (those indices, in that order; each at most once). Spaces around numbers are
+/// ignored. Every index is checked against the corpus before anything is allocated.
 pub fn select_books(books: Vec<Book>, spec: Option<&str>) -> Result<Vec<Book>> {
     let Some(spec) = spec else { return Ok(books) };
-    let bad = || {
-        anyhow::anyhow!(
-            "--books `{spec}`: expected N (first N books), A-B (indices, inclusive) or I,J,K"
-        )
-    };
     let n = books.len();
-    let idx: Vec<usize> = if let Some((a, b)) = spec.split_once('-') {
-        let (a, b): (usize, usize) = (
-            a.trim().parse().map_err(|_| bad())?,
-            b.trim().parse().map_err(|_| bad())?,
-        );
-        (a..=b).collect()
-    } else if spec.contains(',') {
-        spec.split(',')
-            .map(|s| s.trim().parse().map_err(|_| bad()))
-            .collect::<Result<_>>()?
-    } else {
-        (0..spec.trim().parse::<usize>().map_err(|_| bad())?.min(n)).collect()
+    let fail = |why: String| anyhow::anyhow!("--books `{spec}`: {why}");
+    let index = |s: &str| -> Result<usize> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(fail(
+                "an index is missing; write N (first N books), A-B (indices, inclusive) or I,J,K"
+                    .into(),
+            ));
+        }
+        s.parse().map_err(|_| {
+            fail(format!(
+                "`{s}` is not a book index (a non-negative integer); write N (first N books), A-B (indices, inclusive) or I,J,K"
+            ))
+        })
     };
-    if let Some(&i) = idx.iter().find(|&&i| i >= n) {
-        anyhow::bail!(
-            "--books `{spec}`: book {i} does not exist, the corpus has {n} books (0..{})",
-            n.saturating_sub(1)
-        );
-    }
+    let exists = |i: usize| -> Result<usize> {
+        match i < n {
+            true => Ok(i),
+            false => Err(fail(format!(
+                "book {i} does not exist; the corpus has {n} books, indices 0..={}",
+                n.saturating_sub(1)
+            ))),
+        }
+    };
+    let idx: Vec<usize> = if spec.contains(',') {
+        let mut seen = std::collections::HashSet::new();
+        let mut idx = Vec::new();
+        for item in spec.split(',') {
+            let i = exists(index(item)?)?;
+            if !seen.insert(i) {
+                return Err(fail(format!(
+                    "book {i} is listed twice; list each book once"
+                )));
+            }
+            idx.push(i);
+        }
+        idx
+    } else if let Some((a, b)) = spec.split_once('-') {
+        let (a, b) = (index(a)?, index(b)?);
+        if a > b {
+            return Err(fail("the range is reversed; write A-B with A <= B".into()));
+        }
+        (a..=exists(b)?).collect()
+    } else {
+        match index(spec)? {
+            0 => return Err(anyhow::anyhow!("--books 0 selects no book; give N >= 1")),
+            first => (0..first.min(n)).collect(),
+        }
+    };
     Ok(idx.into_iter().map(|i| books[i].clone()).collect())
 }
 
@@ -492,4 +519,61 @@ pub fn model_info(path: &Path) -> Result<String> {
         lm.tokenizer.vocab_size(),
         lm.tokenizer.bos().is_some(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(n: usize) -> Vec<Book> {
+        (0..n)
+            .map(|i| Book {
+                title: format!("book {i}"),
+                url: None,
+                publication_date: None,
+                text: format!("text {i}"),
+            })
+            .collect()
+    }
+
+    fn titles(spec: &str) -> Vec<String> {
+        select_books(corpus(5), Some(spec))
+            .unwrap()
+            .into_iter()
+            .map(|b| b.title)
+            .collect()
+    }
+
+    #[test]
+    fn selects_first_n_a_range_or_a_list() {
+        assert_eq!(titles("2"), ["book 0", "book 1"]);
+        assert_eq!(titles("9").len(), 5, "N past the corpus is all books");
+        assert_eq!(titles("1-3"), ["book 1", "book 2", "book 3"]);
+        assert_eq!(titles("4-4"), ["book 4"]);
+        assert_eq!(titles(" 3 , 0 "), ["book 3", "book 0"]);
+        assert_eq!(select_books(corpus(2), None).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_one_line_naming_the_spec() {
+        for (spec, want) in [
+            ("0", "selects no book"),
+            ("5-2", "the range is reversed"),
+            ("0-18446744073709551615", "the corpus has 5 books"),
+            ("0-99999999999999999999999", "is not a book index"),
+            ("1,7", "book 7 does not exist"),
+            ("1,,2", "an index is missing"),
+            ("1,", "an index is missing"),
+            ("-3", "an index is missing"),
+            ("1,1", "listed twice"),
+            ("a-b", "`a` is not a book index"),
+            ("", "an index is missing"),
+        ] {
+            let e = select_books(corpus(5), Some(spec)).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("--books") && !e.contains('\n'),
+                "{spec}: {e}"
+            );
+        }
+    }
 }

@@ -34,6 +34,13 @@ pub struct StrategyParseError {
 }
 
 impl Strategy {
+    /// `sink:S+W` (`window:W` when S = 0) with the checks of its spec: W >= 1 and the S+W+1
+    /// keys of a query countable. Code that builds strategies from numbers (a sweep grid)
+    /// gets the same one-line error as the command line.
+    pub fn sink(sinks: usize, window: usize) -> Result<Self, StrategyParseError> {
+        Strategy::Sink { sinks, window }.to_string().parse()
+    }
+
     /// The cache budget `(sinks, window)` of an evicting strategy, `None` for dense and recompute.
     pub fn sink_window(&self) -> Option<(usize, usize)> {
         match *self {
@@ -84,9 +91,12 @@ impl FromStr for Strategy {
             why: why.to_string(),
         };
         let count = |s: &str, what: &str| -> Result<usize, StrategyParseError> {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|_| err(&format!("{what} `{s}` is not a non-negative integer")))
+            s.trim().parse::<usize>().map_err(|e| match e.kind() {
+                std::num::IntErrorKind::PosOverflow => {
+                    err(&format!("{what} `{s}` is larger than {}", usize::MAX))
+                }
+                _ => err(&format!("{what} `{s}` is not a non-negative integer")),
+            })
         };
         let positive = |s: &str, what: &str| -> Result<usize, StrategyParseError> {
             match count(s, what)? {
@@ -98,22 +108,24 @@ impl FromStr for Strategy {
         match kind.trim() {
             "dense" if arg.is_empty() => Ok(Strategy::Dense),
             "dense" => Err(err("dense takes no argument")),
-            "window" => Ok(Strategy::Sink {
-                sinks: 0,
-                window: positive(arg, "window size")?,
-            }),
+            "window" => sink_budget(0, positive(arg, "window size")?).map_err(|why| err(&why)),
             "sink" => {
                 let (s, w) = arg
                     .split_once('+')
                     .ok_or_else(|| err("sink needs S+W, e.g. sink:4+252"))?;
-                Ok(Strategy::Sink {
-                    sinks: count(s, "sink count")?,
-                    window: positive(w, "window size")?,
-                })
+                sink_budget(count(s, "sink count")?, positive(w, "window size")?)
+                    .map_err(|why| err(&why))
             }
             "recompute" => {
                 let (w, s) = arg.split_once('/').unwrap_or((arg, "1"));
                 let window = positive(w, "window size")?;
+                // A recomputed window holds W context tokens plus the scored one.
+                if window.checked_add(1).is_none() {
+                    return Err(err(&format!(
+                        "W+1 = {window}+1 tokens per window overflows a {}-bit count; give a smaller W",
+                        usize::BITS
+                    )));
+                }
                 let stride = positive(s, "stride")?;
                 if stride > window {
                     return Err(err("stride must not exceed the window size"));
@@ -122,6 +134,18 @@ impl FromStr for Strategy {
             }
             _ => Err(err("unknown strategy name")),
         }
+    }
+}
+
+/// `sink:S+W` (`window:W` when S = 0), if a query's keys, S sinks + W recent + itself, can be
+/// counted: every engine sizes its cache and masks from S+W+1.
+fn sink_budget(sinks: usize, window: usize) -> Result<Strategy, String> {
+    match sinks.checked_add(window).and_then(|k| k.checked_add(1)) {
+        Some(_) => Ok(Strategy::Sink { sinks, window }),
+        None => Err(format!(
+            "S+W+1 = {sinks}+{window}+1 keys per query overflows a {}-bit count; give smaller S and W",
+            usize::BITS
+        )),
     }
 }
 
@@ -173,6 +197,12 @@ mod tests {
             "foo",
             "",
             "sink:a+3",
+            "sink:1+18446744073709551615",
+            "sink:18446744073709551615+1",
+            "sink:9223372036854775808+9223372036854775807",
+            "window:18446744073709551615",
+            "recompute:18446744073709551615",
+            "window:99999999999999999999",
         ] {
             let e = bad.parse::<Strategy>().unwrap_err().to_string();
             assert!(
@@ -180,6 +210,39 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn the_largest_budget_that_fits_is_accepted() {
+        let max = usize::MAX;
+        let fits = format!("sink:{}+{}", max / 2, max / 2 - 1); // S+W+1 = max - 1
+        assert!(fits.parse::<Strategy>().is_ok(), "{fits}");
+        let one_over = format!("sink:{}+{}", max / 2, max / 2 + 1); // S+W+1 = max + 1
+        let e = one_over.parse::<Strategy>().unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
+        assert!(format!("recompute:{}", max - 1).parse::<Strategy>().is_ok());
+    }
+
+    #[test]
+    fn sink_checks_its_numbers_like_its_spec() {
+        assert_eq!(
+            Strategy::sink(4, 252),
+            Ok(Strategy::Sink {
+                sinks: 4,
+                window: 252
+            })
+        );
+        let e = Strategy::sink(usize::MAX, 5).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("`sink:{}+5`", usize::MAX)) && e.contains("overflows"),
+            "{e}"
+        );
+        assert!(
+            Strategy::sink(4, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("`sink:4+0`")
+        );
     }
 
     #[test]

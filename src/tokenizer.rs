@@ -51,6 +51,7 @@ fn byte_level_decoder_map() -> HashMap<char, u8> {
 impl TextTokenizer {
     /// `tokenizer.json` beside the model if present, else the GGUF's own tokenizer metadata.
     pub fn for_model(model_path: &Path) -> Result<Self> {
+        crate::model::gguf::check_model_file(model_path)?;
         let beside = model_path.with_file_name("tokenizer.json");
         if beside.is_file() {
             let inner = Tokenizer::from_file(&beside)
@@ -212,5 +213,129 @@ impl TextTokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+}
+
+/// Why a command-line text with backslash escapes could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EscapeError {
+    #[error("a lone `\\` ends the text; write `\\\\` for a backslash")]
+    Dangling,
+    #[error(
+        "unknown escape `\\{0}`; use \\n, \\t, \\r, \\\\, \\\", \\xHH (ASCII) or \\u{{HEX}}, or `\\\\` for a backslash"
+    )]
+    Unknown(char),
+    #[error(
+        "`\\x{0}` is not two hex digits of an ASCII byte (00-7F); write \\u{{HEX}} for other characters"
+    )]
+    BadByte(String),
+    #[error("`\\u{0}` is not a Unicode scalar value written \\u{{1-6 hex digits}}, e.g. \\u{{a0}}")]
+    BadUnicode(String),
+}
+
+/// Interprets the backslash escapes of a command-line text, as a shell leaves them in `"\n"`:
+/// `\n`, `\t`, `\r`, `\\`, `\"`, `\xHH` (an ASCII byte, 00-7F) and `\u{HEX}` (any character).
+/// Any other escape, and a `\` at the end, is an error rather than a guess.
+///
+/// ```
+/// use streamppl::tokenizer::unescape;
+/// assert_eq!(unescape(r"\n").unwrap(), "\n");
+/// assert_eq!(unescape(r"a\tb\\c\x41\u{e9}").unwrap(), "a\tb\\cA\u{e9}");
+/// assert!(unescape(r"\q").is_err());
+/// ```
+pub fn unescape(text: &str) -> Result<String, EscapeError> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let escaped = match chars.next().ok_or(EscapeError::Dangling)? {
+            'n' => '\n',
+            't' => '\t',
+            'r' => '\r',
+            '\\' => '\\',
+            '"' => '"',
+            'x' => {
+                let hex: String = chars.by_ref().take(2).collect();
+                let two_digits = hex.len() == 2 && hex.chars().all(|c| c.is_ascii_hexdigit());
+                u8::from_str_radix(&hex, 16)
+                    .ok()
+                    .filter(|b| two_digits && b.is_ascii())
+                    .map(char::from)
+                    .ok_or(EscapeError::BadByte(hex))?
+            }
+            'u' => unicode_escape(&mut chars)?,
+            other => return Err(EscapeError::Unknown(other)),
+        };
+        out.push(escaped);
+    }
+    Ok(out)
+}
+
+/// The character of a `\u{HEX}` escape whose `\u` has been read.
+fn unicode_escape(chars: &mut std::str::Chars) -> Result<char, EscapeError> {
+    let rest = chars.as_str();
+    let Some(body) = rest
+        .strip_prefix('{')
+        .and_then(|r| r.split_once('}'))
+        .map(|(h, _)| h)
+    else {
+        let shown: String = rest.chars().take(8).collect();
+        return Err(EscapeError::BadUnicode(shown));
+    };
+    let bad = || EscapeError::BadUnicode(format!("{{{body}}}"));
+    let valid_hex = (1..=6).contains(&body.len()) && body.chars().all(|c| c.is_ascii_hexdigit());
+    let c = valid_hex
+        .then(|| u32::from_str_radix(body, 16).ok().and_then(char::from_u32))
+        .flatten()
+        .ok_or_else(bad)?;
+    *chars = rest[body.len() + 2..].chars(); // past `{`, the digits and `}`
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescape_reads_every_documented_escape() {
+        for (given, want) in [
+            (r"\n", "\n"),
+            (r"\t\r", "\t\r"),
+            (r"\\n", "\\n"),
+            (r#"say \"hi\""#, "say \"hi\""),
+            (r"\x41\x7f\x00", "A\x7f\0"),
+            (r"\u{e9}\u{1F600}\u{0}", "\u{e9}\u{1F600}\0"),
+            ("plain text, é\n", "plain text, é\n"),
+            ("", ""),
+        ] {
+            assert_eq!(unescape(given).as_deref(), Ok(want), "{given}");
+        }
+    }
+
+    #[test]
+    fn unescape_rejects_what_it_cannot_read() {
+        for (given, want) in [
+            (r"\q", EscapeError::Unknown('q')),
+            (r"\0", EscapeError::Unknown('0')),
+            (r"ab\", EscapeError::Dangling),
+            (r"\x4", EscapeError::BadByte("4".into())),
+            (r"\x", EscapeError::BadByte("".into())),
+            (r"\xzz", EscapeError::BadByte("zz".into())),
+            (r"\x+1", EscapeError::BadByte("+1".into())),
+            (r"\xe9", EscapeError::BadByte("e9".into())),
+            (r"\u41", EscapeError::BadUnicode("41".into())),
+            (r"\u{}", EscapeError::BadUnicode("{}".into())),
+            (r"\u{d800}", EscapeError::BadUnicode("{d800}".into())),
+            (r"\u{1234567}", EscapeError::BadUnicode("{1234567}".into())),
+            (r"\u{+1}", EscapeError::BadUnicode("{+1}".into())),
+            (r"\u{41", EscapeError::BadUnicode("{41".into())),
+        ] {
+            let e = unescape(given).unwrap_err();
+            assert_eq!(e, want, "{given}");
+            assert!(!e.to_string().contains('\n'));
+        }
     }
 }

@@ -3,14 +3,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::llama::{Config, Llama};
+use super::llama::{Config, InvalidConfig, Llama};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -18,12 +18,59 @@ pub enum ModelError {
         "{path}: model file not found; run scripts/fetch-defaults.sh or pass --model PATH to a GGUF file"
     )]
     Missing { path: String },
+    #[error("{path} is a folder; give the model file (a .gguf)")]
+    Folder { path: String },
+    #[error("{path}: not a regular file; give the model file (a .gguf)")]
+    NotAFile { path: String },
+    #[error("{path}: not a GGUF file ({what}); give a Llama-architecture .gguf model file")]
+    NotGguf { path: String, what: String },
     #[error(
         "{path}: not a readable GGUF file ({why}); re-download it (scripts/fetch-defaults.sh checks the sha256)"
     )]
     Corrupt { path: String, why: String },
     #[error("{path}: unsupported model ({why}); streamppl loads Llama-architecture GGUF files")]
     Unsupported { path: String, why: String },
+    #[error("{path}: invalid model config: {field} = {value} ({why})")]
+    InvalidConfig {
+        path: String,
+        field: String,
+        value: String,
+        why: String,
+    },
+}
+
+/// Checks that `path` is a readable regular file that starts with the GGUF magic, so a wrong
+/// `--model` is named for what it is (a folder, a text file) before anything is parsed.
+pub fn check_model_file(path: &Path) -> Result<(), ModelError> {
+    let p = path.display().to_string();
+    let kind = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ModelError::Missing { path: p });
+        }
+        Err(e) => return Err(bad(&p, e)),
+        Ok(m) => m.file_type(),
+    };
+    if kind.is_dir() {
+        return Err(ModelError::Folder { path: p });
+    }
+    if !kind.is_file() {
+        return Err(ModelError::NotAFile { path: p });
+    }
+    let mut head = Vec::with_capacity(4);
+    File::open(path)
+        .and_then(|f| f.take(4).read_to_end(&mut head))
+        .map_err(|e| bad(&p, e))?;
+    if head != b"GGUF" {
+        let what = match head.is_empty() {
+            true => "it is empty".to_string(),
+            false => format!(
+                "it starts with {:?}, not \"GGUF\"",
+                String::from_utf8_lossy(&head)
+            ),
+        };
+        return Err(ModelError::NotGguf { path: p, what });
+    }
+    Ok(())
 }
 
 /// A parsed GGUF file: its metadata and the dequantized model.
@@ -55,12 +102,18 @@ pub fn config_from_metadata(md: &HashMap<String, Value>, path: &str) -> Result<C
             why: format!("architecture `{arch}`"),
         });
     }
+    let wrong_type = |key: &str, v: &Value, want: &str| ModelError::InvalidConfig {
+        path: path.into(),
+        field: format!("llama.{key}"),
+        value: format!("{v:?}"),
+        why: format!("must be {want}"),
+    };
     let u = |key: &str| -> Result<usize, ModelError> {
         let v = meta(md, &format!("llama.{key}"), path)?;
         v.to_u32()
             .map(|x| x as usize)
             .or_else(|_| v.to_u64().map(|x| x as usize))
-            .map_err(|e| bad(path, e))
+            .map_err(|_| wrong_type(key, v, "an unsigned integer"))
     };
     let f = |key: &str, default: f64| -> Result<f64, ModelError> {
         match md.get(&format!("llama.{key}")) {
@@ -68,7 +121,8 @@ pub fn config_from_metadata(md: &HashMap<String, Value>, path: &str) -> Result<C
             Some(v) => v
                 .to_f32()
                 .map(|x| x.to_string().parse().unwrap_or(x as f64))
-                .map_err(|e| bad(path, e)),
+                .or_else(|_| v.to_f64())
+                .map_err(|_| wrong_type(key, v, "a number")),
             None => Ok(default),
         }
     };
@@ -77,18 +131,155 @@ pub fn config_from_metadata(md: &HashMap<String, Value>, path: &str) -> Result<C
         None => u("vocab_size")?,
     };
     let n_head = u("attention.head_count")?;
-    Ok(Config {
+    let cfg = Config {
         vocab_size,
         hidden_size: u("embedding_length")?,
         intermediate_size: u("feed_forward_length")?,
         n_layer: u("block_count")?,
         n_head,
-        n_kv_head: u("attention.head_count_kv").unwrap_or(n_head),
+        n_kv_head: match md.contains_key("llama.attention.head_count_kv") {
+            true => u("attention.head_count_kv")?,
+            false => n_head,
+        },
         rope_theta: f("rope.freq_base", 10_000.0)?,
         rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
         context_length: u("context_length")?,
         tied_embeddings: true, // fixed below from the tensor list
-    })
+    };
+    cfg.validate().map_err(|e| invalid_config(path, md, e))?;
+    Ok(cfg)
+}
+
+/// A [`InvalidConfig`] of a GGUF file, its field named by the metadata key it came from.
+fn invalid_config(path: &str, md: &HashMap<String, Value>, e: InvalidConfig) -> ModelError {
+    let field = match e.field {
+        "vocab_size" if md.contains_key("tokenizer.ggml.tokens") => {
+            "vocab size (entries of tokenizer.ggml.tokens)"
+        }
+        "vocab_size" => "llama.vocab_size",
+        "hidden_size" => "llama.embedding_length",
+        "intermediate_size" => "llama.feed_forward_length",
+        "n_layer" => "llama.block_count",
+        "n_head" => "llama.attention.head_count",
+        "n_kv_head" => "llama.attention.head_count_kv",
+        "head_dim" => "head dim (llama.embedding_length / llama.attention.head_count)",
+        "rope_theta" => "llama.rope.freq_base",
+        "rms_eps" => "llama.attention.layer_norm_rms_epsilon",
+        "context_length" => "llama.context_length",
+        other => other,
+    };
+    ModelError::InvalidConfig {
+        path: path.into(),
+        field: field.into(),
+        value: e.value,
+        why: e.why,
+    }
+}
+
+/// A tensor dimension, as the config sets it.
+#[derive(Clone, Copy)]
+enum Dim {
+    Vocab,
+    Embedding,
+    FeedForward,
+    QueryHeads,
+    KvHeads,
+}
+
+impl Dim {
+    fn size(self, cfg: &Config) -> usize {
+        match self {
+            Dim::Vocab => cfg.vocab_size,
+            Dim::Embedding => cfg.hidden_size,
+            Dim::FeedForward => cfg.intermediate_size,
+            Dim::QueryHeads => cfg.n_head * cfg.head_dim(),
+            Dim::KvHeads => cfg.n_kv_head * cfg.head_dim(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Dim::Vocab => "vocab",
+            Dim::Embedding => "embedding_length",
+            Dim::FeedForward => "feed_forward_length",
+            Dim::QueryHeads => "head_count * head_dim",
+            Dim::KvHeads => "head_count_kv * head_dim",
+        }
+    }
+}
+
+/// The tensors a Llama of `cfg` reads, with their dimensions as candle sees them (rows first).
+fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<Dim>)> {
+    use Dim::{Embedding as E, FeedForward as F, KvHeads as KV, QueryHeads as Q, Vocab as V};
+    let mut out = vec![
+        ("token_embd.weight".to_string(), vec![V, E]),
+        ("output_norm.weight".to_string(), vec![E]),
+    ];
+    if !cfg.tied_embeddings {
+        out.push(("output.weight".to_string(), vec![V, E]));
+    }
+    for i in 0..cfg.n_layer {
+        let t = |name: &str| format!("blk.{i}.{name}.weight");
+        out.extend([
+            (t("attn_norm"), vec![E]),
+            (t("attn_q"), vec![Q, E]),
+            (t("attn_k"), vec![KV, E]),
+            (t("attn_v"), vec![KV, E]),
+            (t("attn_output"), vec![E, Q]),
+            (t("ffn_norm"), vec![E]),
+            (t("ffn_gate"), vec![F, E]),
+            (t("ffn_up"), vec![F, E]),
+            (t("ffn_down"), vec![E, F]),
+        ]);
+    }
+    out
+}
+
+/// Checks the file's layer count and every tensor's shape against the config, before any
+/// tensor is read: a mismatch is named here rather than found as a shape error mid-load.
+fn check_tensor_shapes(
+    cfg: &Config,
+    tensors: &HashMap<String, TensorInfo>,
+    path: &str,
+) -> Result<Vec<String>, ModelError> {
+    let layers_in_file = tensors
+        .keys()
+        .filter_map(|name| {
+            name.strip_prefix("blk.")?
+                .split_once('.')?
+                .0
+                .parse::<usize>()
+                .ok()
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    if layers_in_file != cfg.n_layer {
+        return Err(ModelError::InvalidConfig {
+            path: path.into(),
+            field: "llama.block_count".into(),
+            value: cfg.n_layer.to_string(),
+            why: format!("the file has tensors for {layers_in_file} layer(s), blk.N.*"),
+        });
+    }
+    let mut names = Vec::new();
+    for (name, dims) in expected_tensors(cfg) {
+        let info = tensors.get(&name).ok_or_else(|| ModelError::Unsupported {
+            path: path.into(),
+            why: format!("no tensor `{name}`"),
+        })?;
+        let want: Vec<usize> = dims.iter().map(|d| d.size(cfg)).collect();
+        if info.shape.dims() != want {
+            let names: Vec<&str> = dims.iter().map(|d| d.name()).collect();
+            return Err(ModelError::InvalidConfig {
+                path: path.into(),
+                field: format!("{name} shape"),
+                value: format!("{:?}", info.shape.dims()),
+                why: format!("the config makes it [{}] = {want:?}", names.join(", ")),
+            });
+        }
+        names.push(name);
+    }
+    Ok(names)
 }
 
 fn bad(path: &str, e: impl std::fmt::Display) -> ModelError {
@@ -109,22 +300,21 @@ fn bad(path: &str, e: impl std::fmt::Display) -> ModelError {
 /// Loads a GGUF model, dequantizing every tensor to f32 on `device`.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
     let p = path.display().to_string();
-    if !path.is_file() {
-        return Err(ModelError::Missing { path: p });
-    }
+    check_model_file(path)?;
     let mut reader = BufReader::new(File::open(path).map_err(|e| bad(&p, e))?);
     let content = Content::read(&mut reader).map_err(|e| bad(&p, e))?;
     let mut cfg = config_from_metadata(&content.metadata, &p)?;
     cfg.tied_embeddings = !content.tensor_infos.contains_key("output.weight");
+    // Only the tensors the model reads: others (e.g. rope_freqs) are never dequantized.
     let mut tensors = HashMap::new();
-    for name in content.tensor_infos.keys() {
+    for name in check_tensor_shapes(&cfg, &content.tensor_infos, &p)? {
         let q = content
-            .tensor(&mut reader, name, device)
+            .tensor(&mut reader, &name, device)
             .map_err(|e| bad(&p, format!("tensor {name}: {e}")))?;
         let t: Tensor = q
             .dequantize(device)
             .map_err(|e| bad(&p, format!("tensor {name}: {e}")))?;
-        tensors.insert(name.clone(), t);
+        tensors.insert(name, t);
     }
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = Llama::new(&cfg, vb).map_err(|e| bad(&p, e))?;

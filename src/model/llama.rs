@@ -28,9 +28,85 @@ pub struct Config {
     pub tied_embeddings: bool,
 }
 
+/// A config field that no working model can have: `field` (a [`Config`] field name, or
+/// `head_dim`) is `value`, and `why` says what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value} ({why})")]
+pub struct InvalidConfig {
+    pub field: &'static str,
+    pub value: String,
+    pub why: String,
+}
+
 impl Config {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.n_head
+    }
+
+    /// Checks every field that the model divides by or sizes tensors with, so a bad file is
+    /// an error at load and never a division by zero or a silently truncated shape later.
+    pub fn validate(&self) -> std::result::Result<(), InvalidConfig> {
+        let invalid = |field, value: &dyn std::fmt::Display, why: String| {
+            Err(InvalidConfig {
+                field,
+                value: value.to_string(),
+                why,
+            })
+        };
+        for (field, value, what) in [
+            ("vocab_size", self.vocab_size, "token"),
+            ("hidden_size", self.hidden_size, "embedding dimension"),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                "feed-forward unit",
+            ),
+            ("n_layer", self.n_layer, "layer"),
+            ("n_head", self.n_head, "attention head"),
+            ("n_kv_head", self.n_kv_head, "KV head"),
+            ("context_length", self.context_length, "trained position"),
+        ] {
+            if value == 0 {
+                return invalid(field, &value, format!("a model needs at least one {what}"));
+            }
+        }
+        if self.vocab_size - 1 > u32::MAX as usize {
+            return invalid(
+                "vocab_size",
+                &self.vocab_size,
+                "token ids are 32-bit: at most 2^32 tokens".into(),
+            );
+        }
+        if !self.hidden_size.is_multiple_of(self.n_head) {
+            return invalid(
+                "hidden_size",
+                &self.hidden_size,
+                format!("must be a multiple of the {} attention heads", self.n_head),
+            );
+        }
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
+            return invalid(
+                "n_kv_head",
+                &self.n_kv_head,
+                format!(
+                    "must divide the {} attention heads: query heads share KV heads in equal groups",
+                    self.n_head
+                ),
+            );
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return invalid(
+                "head_dim",
+                &self.head_dim(),
+                "hidden_size / n_head must be even: RoPE rotates pairs of dimensions".into(),
+            );
+        }
+        for (field, value) in [("rope_theta", self.rope_theta), ("rms_eps", self.rms_eps)] {
+            if !(value.is_finite() && value > 0.0) {
+                return invalid(field, &value, "must be positive and finite".into());
+            }
+        }
+        Ok(())
     }
 
     /// A small config for tests that build random weights.
@@ -131,6 +207,8 @@ fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<
 
 impl Llama {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(format!("invalid model config: {e}")))?;
         let (d, hd) = (cfg.hidden_size, cfg.head_dim());
         let embed_w = vb.get((cfg.vocab_size, d), "token_embd.weight")?;
         let lm_head = if cfg.tied_embeddings {

@@ -26,6 +26,12 @@ pub struct RunLock {
 impl RunLock {
     /// Creates `dir` if needed and locks it; a one-line error when another process holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {
+        if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+            bail!(
+                "{}: is a file, not a folder; give --out a folder",
+                file.display()
+            );
+        }
         let made_dir = !dir.exists();
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create the run folder", dir.display()))?;

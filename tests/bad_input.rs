@@ -287,7 +287,7 @@ const CASES: &[(&str, &str)] = &[
     ),
     (
         "eval --model {tiny} --corpus {books} --strategy dense --out {text}",
-        "cannot create output folder",
+        "is a file, not a folder; give --out a folder",
     ),
     ("table {dir}/empty-folder", "holds no run"),
     ("report {dir}/empty-folder", "holds no experiment"),

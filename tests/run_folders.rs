@@ -1,10 +1,12 @@
 //! Run folders on the real model: what a finished run in `--out` is to the next command (the
 //! same run, a stale one, another configuration), and runs too short for a standard error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use streamppl::records::run::RunRecord;
+
+mod common;
 
 fn streamppl(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_streamppl"))
@@ -28,20 +30,8 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn model_and_corpus() -> Option<(String, String)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let corpus = root.join("datasets/gutenberg-mini/test.parquet");
-    if model.is_file() && corpus.is_file() {
-        return Some((model.display().to_string(), corpus.display().to_string()));
-    }
-    assert!(
-        std::env::var("STREAMPPL_REQUIRE_MODELS").as_deref() != Ok("1"),
-        "the default model or corpus is missing: run scripts/fetch-defaults.sh"
-    );
-    eprintln!(
-        "\n!!! SKIPPED: the default model/corpus are missing; run scripts/fetch-defaults.sh !!!\n"
-    );
-    None
+    let (model, corpus) = common::default_model_and_corpus()?;
+    Some((model.display().to_string(), corpus.display().to_string()))
 }
 
 #[test]

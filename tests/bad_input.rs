@@ -468,6 +468,7 @@ struct Fixtures {
 
 impl Fixtures {
     fn new() -> Self {
+        let real_model = real_model(); // first: it may panic, and nothing is written yet
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir =
@@ -493,10 +494,7 @@ impl Fixtures {
         }
         let bytes = std::fs::read(dir.join("tiny.gguf")).unwrap();
         std::fs::write(dir.join("truncated.gguf"), &bytes[..bytes.len() / 2]).unwrap();
-        let fx = Fixtures {
-            real_model: real_model(),
-            dir,
-        };
+        let fx = Fixtures { real_model, dir };
         let run = streamppl(
             &fx.args("eval --model {tiny} --corpus {books} --strategy dense --out {dir}/run")
                 .unwrap(),

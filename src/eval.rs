@@ -62,6 +62,10 @@ pub struct EvalOptions {
 /// Block size of the block engine unless `--block-size` says otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 128;
 
+/// The most injected sink tokens `--sink-text` may feed: far past any experiment (the paper
+/// uses 4), and a bound, so that a typo never allocates the stream of a huge S.
+pub const MAX_INJECTED_SINKS: usize = 1 << 20;
+
 impl EvalOptions {
     pub fn new(strategy: Strategy) -> Self {
         EvalOptions {
@@ -128,6 +132,13 @@ impl EvalOptions {
             bail!(
                 "--sink-text needs a strategy with sinks (sink:S+W with S >= 1), not `{}`",
                 self.strategy
+            );
+        }
+        if let (Some(_), Strategy::Sink { sinks, .. }) = (&self.sink_text, self.strategy)
+            && sinks > MAX_INJECTED_SINKS
+        {
+            bail!(
+                "--sink-text with S={sinks} feeds {sinks} injected tokens before the corpus; give S <= {MAX_INJECTED_SINKS}"
             );
         }
         if !self.pos_shift && self.strategy.sink_window().is_none() {

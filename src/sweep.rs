@@ -24,11 +24,6 @@ pub struct SweepJob {
     pub policy: RunPolicy,
 }
 
-/// The cell's strategy: `window:W` for no sinks, else `sink:S+W`.
-pub fn cell_strategy(sinks: usize, window: usize) -> Strategy {
-    Strategy::Sink { sinks, window }
-}
-
 /// Runs every cell (sinks-major order), then writes the grid files; returns `grid.md`'s path.
 pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
     if job.sinks.is_empty() || job.windows.is_empty() {
@@ -40,14 +35,16 @@ pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
         bail!("--windows {w}: a window must be at least 1 token");
     }
     let (sinks, windows) = (distinct(&job.sinks), distinct(&job.windows));
-    let opts: Vec<EvalOptions> = sinks
+    let opts = sinks
         .iter()
         .flat_map(|&s| windows.iter().map(move |&w| (s, w)))
-        .map(|(s, w)| EvalOptions {
-            max_tokens: job.max_tokens,
-            ..EvalOptions::new(cell_strategy(s, w))
+        .map(|(s, w)| {
+            Ok(EvalOptions {
+                max_tokens: job.max_tokens,
+                ..EvalOptions::new(Strategy::sink(s, w)?)
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     for o in &opts {
         o.validate()?;
     }

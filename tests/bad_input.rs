@@ -308,6 +308,41 @@ const CASES: &[(&str, &str)] = &[
         "eval --model {tiny} --corpus {books} --strategy dense --engine warp",
         "invalid value 'warp' for '--engine <ENGINE>'",
     ),
+    // Run folders and records.
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --max-tokens 5 --out {dir}/run",
+        "holds a finished run of another configuration (books 3 -> 1, max tokens none -> 5",
+    ),
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --engine token --out {dir}/run",
+        "engine block -> token",
+    ),
+    (
+        "compare {run} {dir}/short/dense",
+        "tokens; compare runs over the same tokens",
+    ),
+    (
+        "table {dir}/broken",
+        "nll.parquet: missing (run.json counts",
+    ),
+    ("plot {dir}/broken -o {dir}/p.png", "nll.parquet: missing"),
+    ("report {dir}/no-such-results", "no such folder"),
+    (
+        "reproduce table1 --model {tiny} --experiments {dir}/no-such-folder",
+        "no such folder of experiment files; run from the repository root",
+    ),
+    (
+        "reproduce all --model {tiny} --experiments {dir}/empty-folder",
+        "holds no experiment file",
+    ),
+    (
+        "sweep --model {tiny} --corpus {books} --sinks 18446744073709551615 --windows 4",
+        "overflows a 64-bit count",
+    ),
+    (
+        "eval --model {tiny} --corpus {books} --strategy sink:1000000000000+4 --sink-text x",
+        "give S <= 1048576",
+    ),
     // The real model's tokenizer: a text of several tokens as sinks of another count.
     (
         "eval --model {model} --corpus {books} --strategy sink:4+8 --sink-text 'Of Mans First'",
@@ -504,6 +539,18 @@ impl Fixtures {
             "the tiny model must run: {}",
             stderr(&run)
         );
+        let short = streamppl(
+            &fx.args("eval --model {tiny} --corpus {books} --strategy dense --max-tokens 5 --out {dir}/short")
+                .unwrap(),
+        );
+        assert!(short.status.success(), "{}", stderr(&short));
+        // A run folder whose log is gone.
+        std::fs::create_dir_all(fx.dir.join("broken/dense")).unwrap();
+        std::fs::copy(
+            fx.dir.join("run/dense/run.json"),
+            fx.dir.join("broken/dense/run.json"),
+        )
+        .unwrap();
         fx
     }
 

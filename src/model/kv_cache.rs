@@ -1,7 +1,10 @@
 //! Per-layer key/value storage. Keys are stored BEFORE the rotary embedding, so a strategy can
 //! give every cached key a new position at every step (spec section 2, "pos shift").
 
-use candle_core::{DType, Device, Result, Tensor};
+use std::collections::HashMap;
+use std::io::Write;
+
+use candle_core::{DType, Device, Error, Result, Tensor};
 
 /// Keys and values of every layer, in slots `0..capacity`. Which slot holds which token, and
 /// at which position it is seen, is the engine's business (see [`super::AttnPlan`]).
@@ -27,17 +30,24 @@ impl KvCache {
         Ok(KvCache { layers, capacity })
     }
 
-    /// Grows to at least `needed` slots (doubling, so a dense run copies O(n) in total).
-    pub fn ensure_capacity(&mut self, needed: usize) -> Result<()> {
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Grows to at least `needed` slots, doubling (so a growing cache copies O(n) in total) but
+    /// never past `ceiling`, the most slots its engine can ever use (or `needed`, if larger).
+    pub fn ensure_capacity(&mut self, needed: usize, ceiling: usize) -> Result<()> {
         if needed <= self.capacity {
             return Ok(());
         }
-        let new_cap = needed.max(2 * self.capacity);
+        let new_cap = self.capacity.saturating_mul(2).min(ceiling).max(needed);
         for (k, v) in self.layers.iter_mut() {
             for t in [k, v] {
                 let (h, _, d) = t.dims3()?;
                 let grown = Tensor::zeros((h, new_cap, d), t.dtype(), t.device())?;
-                grown.slice_set(&*t, 1, 0)?;
+                if self.capacity > 0 {
+                    grown.slice_set(&*t, 1, 0)?;
+                }
                 *t = grown;
             }
         }
@@ -66,32 +76,83 @@ impl KvCache {
     }
 }
 
+/// Safetensors name of layer `layer`'s keys (`k.N`) or values (`v.N`).
+fn tensor_name(kind: char, layer: usize) -> String {
+    format!("{kind}.{layer}")
+}
+
 impl KvCache {
-    /// Every layer's keys and values by name (`k.N`, `v.N`), for checkpoints.
-    pub fn named_tensors(&self) -> std::collections::HashMap<String, Tensor> {
-        let mut out = std::collections::HashMap::new();
-        for (i, (k, v)) in self.layers.iter().enumerate() {
-            out.insert(format!("k.{i}"), k.clone());
-            out.insert(format!("v.{i}"), v.clone());
+    /// Writes slots `0..occupied` of every layer as a safetensors file (`k.N`, `v.N`, each
+    /// (n_kv_head, occupied, head_dim) f32): a checkpoint stores what the cache holds, not its
+    /// capacity (a dense cache is up to twice as large as what it holds). One layer is copied
+    /// out at a time, so saving needs little memory beyond the cache itself.
+    pub fn write_safetensors(&self, occupied: usize, out: &mut impl Write) -> Result<()> {
+        let Some((k0, _)) = self.layers.first() else {
+            candle_core::bail!("a cache with no layers has nothing to save")
+        };
+        let (n_kv_head, _, head_dim) = k0.dims3()?;
+        let shape = [n_kv_head, occupied, head_dim];
+        let tensor_bytes = n_kv_head * occupied * head_dim * DType::F32.size_in_bytes();
+        let mut header = serde_json::Map::new();
+        for layer in 0..self.layers.len() {
+            for (i, kind) in ['k', 'v'].into_iter().enumerate() {
+                let start = (2 * layer + i) * tensor_bytes;
+                header.insert(
+                    tensor_name(kind, layer),
+                    serde_json::json!({
+                        "dtype": "F32",
+                        "shape": shape,
+                        "data_offsets": [start, start + tensor_bytes],
+                    }),
+                );
+            }
         }
-        out
+        let mut header = serde_json::to_vec(&header).map_err(Error::wrap)?;
+        // The format pads the header with spaces to a multiple of 8 bytes.
+        header.resize(header.len().next_multiple_of(8), b' ');
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        for layer in 0..self.layers.len() {
+            let (k, v) = self.read(layer, occupied)?;
+            for t in [k, v] {
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                out.write_all(&bytes)?;
+            }
+        }
+        Ok(())
     }
 
-    /// The inverse of [`KvCache::named_tensors`].
-    pub fn from_named_tensors(
-        mut named: std::collections::HashMap<String, Tensor>,
-        n_layer: usize,
+    /// The inverse of [`KvCache::write_safetensors`]: a cache of capacity `occupied` (an engine
+    /// grows it as it needs) from `tensors`, which must be exactly the `k.N` and `v.N` of
+    /// `n_layer` layers, each (n_kv_head, occupied, head_dim) f32.
+    pub fn from_safetensors(
+        mut tensors: HashMap<String, Tensor>,
+        [n_layer, n_kv_head, occupied, head_dim]: [usize; 4],
     ) -> Result<Self> {
         let mut take = |name: String| {
-            named
+            let t = tensors
                 .remove(&name)
-                .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor {name}")))
+                .ok_or_else(|| Error::Msg(format!("no tensor {name}")))?;
+            if t.dims() != [n_kv_head, occupied, head_dim] || t.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "tensor {name} is {:?} {:?}, expected F32 [{n_kv_head}, {occupied}, {head_dim}]",
+                    t.dtype(),
+                    t.dims()
+                )
+            }
+            Ok(t)
         };
         let layers: Vec<(Tensor, Tensor)> = (0..n_layer)
-            .map(|i| Ok((take(format!("k.{i}"))?, take(format!("v.{i}"))?)))
+            .map(|i| Ok((take(tensor_name('k', i))?, take(tensor_name('v', i))?)))
             .collect::<Result<_>>()?;
-        let capacity = layers.first().map_or(Ok(0), |(k, _)| k.dim(1))?;
-        Ok(KvCache { layers, capacity })
+        if let Some(extra) = tensors.keys().next() {
+            candle_core::bail!("unexpected tensor {extra} (not a cache of {n_layer} layers)")
+        }
+        Ok(KvCache {
+            layers,
+            capacity: occupied,
+        })
     }
 }
 

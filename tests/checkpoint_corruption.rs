@@ -476,7 +476,7 @@ fn cache_sizes_that_overflow_are_one_line_errors() {
         (
             format!("sink:{}+4", max - 8),
             EngineKind::Block(8),
-            "S+W+B overflows",
+            "S+W+B (B = --block-size 8) overflows",
         ),
         (
             format!("window:{max}"),

@@ -3,7 +3,7 @@
 //! true relative distance and sinks at the constant distance S+W-i once eviction has started.
 //! It gives the token engine's numbers at prefill speed.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
@@ -13,7 +13,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::{ContextWarning, log_targets, resume};
+use super::{ContextWarning, cache_slots, log_targets, resume};
 
 pub struct BlockEngine<'m> {
     model: &'m Llama,
@@ -48,15 +48,11 @@ impl<'m> BlockEngine<'m> {
         }
         let max_slots = match budget {
             None => usize::MAX,
-            Some((s, w)) => s
-                .checked_add(w)
-                .with_context(|| {
-                    format!("{strategy}: the cache size S+W overflows; give smaller sizes")
-                })?
-                .checked_add(block)
-                .with_context(|| {
-                    format!("{strategy} with --block-size {block}: the cache size S+W+B overflows; give smaller sizes")
-                })?,
+            Some(_) => cache_slots(
+                strategy,
+                block,
+                &format!("S+W+B (B = --block-size {block})"),
+            )?,
         };
         Ok(BlockEngine {
             model,
@@ -108,8 +104,8 @@ impl<'m> BlockEngine<'m> {
         let plan = match (self.budget, self.pos_shift) {
             // Recent keys and queries at positions relative to the oldest recent key (only
             // differences matter, and small numbers keep f32 angles exact); the sinks seen from
-            // query t at distance min(t, S+W) - i (S+W cannot overflow: `new` checked S+W+B): the true one before eviction starts, the
-            // constant S+W-i after.
+            // query t at distance min(t, S+W) - i: the true one before eviction starts, the
+            // constant S+W-i after. (S+W cannot overflow: `new` checked S+W+B.)
             (Some((s, w)), true) => {
                 // (A query that is itself a sink sees no recent key, so `first` bounds it too.)
                 let base = self.held.get(n_sink).map_or(first, |&j| j.min(first));

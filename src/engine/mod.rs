@@ -8,7 +8,7 @@ pub mod block;
 pub mod recompute;
 pub mod token;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
 use crate::checkpoint::{Checkpointer, EngineState, SlotsAfter};
@@ -78,6 +78,20 @@ pub(crate) fn resume(
     let state = ckpt?.load(model, stream, slots_after)?;
     progress.set_position(state.log.len() as u64);
     Some(state)
+}
+
+/// S+W+`extra` cache slots of `strategy` (`sink:S+W` or `window:W`), which `total` names in
+/// the error: budgets near 2^64 are a one-line error, not a cache size that wraps around.
+pub(crate) fn cache_slots(strategy: Strategy, extra: usize, total: &str) -> Result<usize> {
+    let (s, w) = strategy
+        .sink_window()
+        .context("only sink:S+W and window:W have a cache budget")?;
+    let slots = s
+        .checked_add(w)
+        .with_context(|| format!("{strategy}: the cache size S+W overflows; give smaller sizes"))?;
+    slots.checked_add(extra).with_context(|| {
+        format!("{strategy}: the cache size {total} overflows; give smaller sizes")
+    })
 }
 
 /// Warns once when a position passes the model's trained context: an experiment, not an error.

@@ -2,7 +2,7 @@
 //! keys, evicting exactly as spec section 2 says. It is the executable reference that every
 //! faster engine must match.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
@@ -12,7 +12,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::{ContextWarning, log_targets, resume};
+use super::{ContextWarning, cache_slots, log_targets, resume};
 
 /// Cache state of an evicting or dense strategy, fed one token at a time.
 pub struct TokenEngine<'m> {
@@ -45,15 +45,7 @@ impl<'m> TokenEngine<'m> {
         };
         let max_slots = match budget {
             None => usize::MAX,
-            Some((s, w)) => s
-                .checked_add(w)
-                .with_context(|| {
-                    format!("{strategy}: the cache size S+W overflows; give smaller sizes")
-                })?
-                .checked_add(1)
-                .with_context(|| {
-                    format!("{strategy}: the cache size S+W+1 overflows; give smaller sizes")
-                })?,
+            Some(_) => cache_slots(strategy, 1, "S+W+1")?,
         };
         Ok(TokenEngine {
             model,

@@ -229,40 +229,39 @@ impl Checkpointer {
             dir.exists()
                 .then(|| self.read_dir(dir, model, stream, slots_after))
         };
-        let (state, dir) = match (read(&self.dir), &old) {
-            (Some(Ok(state)), _) => (state, &self.dir),
-            (primary, old) => {
-                let fallback = read(old);
-                let why = primary.and_then(|r| r.err());
-                let state = match (why, fallback) {
-                    (None, None) => return None,
-                    // Killed between the two renames of a save: the previous one is whole.
-                    (None, Some(Ok(state))) => state,
-                    (Some(why), Some(Ok(state))) => {
-                        self.report(format!("{why}; falling back to {}", old.display()));
-                        // So the next save keeps `checkpoint.old/` until it has replaced this.
-                        let _ = std::fs::remove_dir_all(&self.dir);
-                        state
-                    }
-                    (why, fallback) => {
-                        let whys: Vec<String> = why
-                            .into_iter()
-                            .chain(fallback.and_then(|r| r.err()))
-                            .collect();
-                        self.report(format!("{}; starting over", whys.join("; ")));
-                        return None;
-                    }
-                };
-                (state, old)
-            }
+        let why = match read(&self.dir) {
+            Some(Ok(state)) => return Some(self.resumed_from(&self.dir, state)),
+            primary => primary.and_then(Result::err),
         };
+        match (why, read(&old)) {
+            (None, None) => None,
+            // Killed between the two renames of a save: the previous checkpoint is whole.
+            (None, Some(Ok(state))) => Some(self.resumed_from(&old, state)),
+            (Some(why), Some(Ok(state))) => {
+                self.report(format!("{why}; falling back to {}", old.display()));
+                // So the next save keeps `checkpoint.old/` until it has replaced this one.
+                let _ = std::fs::remove_dir_all(&self.dir);
+                Some(self.resumed_from(&old, state))
+            }
+            (why, fallback) => {
+                let whys: Vec<String> = why
+                    .into_iter()
+                    .chain(fallback.and_then(Result::err))
+                    .collect();
+                self.report(format!("{}; starting over", whys.join("; ")));
+                None
+            }
+        }
+    }
+
+    fn resumed_from(&self, dir: &Path, state: EngineState) -> EngineState {
         self.resumed.set(state.log.len());
         eprintln!(
             "resuming from {} ({} tokens already scored)",
             dir.display(),
             state.log.len()
         );
-        Some(state)
+        state
     }
 
     fn report(&self, note: String) {
@@ -358,7 +357,8 @@ fn remove_if_present(dir: &Path) -> Result<()> {
 }
 
 fn save_log(log: &NllLog, path: &Path) -> Result<LogState> {
-    log.write_parquet(path)?;
+    log.write_parquet(path)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     Ok(LogState {
         seal: Seal {

@@ -540,15 +540,20 @@ fn time_a_dense_checkpoint_at_20k_tokens() {
     let slots: Vec<u64> = (0..tokens as u64).collect();
     let run_dir = scratch("timing");
     let mut ckpt = Checkpointer::new(&run_dir, FINGERPRINT.into(), Duration::ZERO);
-    for repeat in 0..3 {
+    for repeat in 0..4 {
         let start = Instant::now();
         ckpt.save(tokens, &log, Some((&cache, &slots))).unwrap();
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        let bytes: u64 = std::fs::read_dir(run_dir.join("checkpoint"))
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum();
-        println!("save {repeat}: {bytes} bytes in checkpoint/, {ms:.0} ms");
+        let bytes = |dir: &str| -> u64 {
+            std::fs::read_dir(run_dir.join(dir)).map_or(0, |files| {
+                files.map(|f| f.unwrap().metadata().unwrap().len()).sum()
+            })
+        };
+        println!(
+            "save {repeat}: {ms:.0} ms; {} bytes in checkpoint/, {} in checkpoint.old/",
+            bytes("checkpoint"),
+            bytes("checkpoint.old")
+        );
     }
     std::fs::remove_dir_all(&run_dir).unwrap();
 }

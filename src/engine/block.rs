@@ -13,7 +13,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::{ContextWarning, log_targets, resume};
+use super::{ContextWarning, cache_slots, log_targets, resume};
 
 pub struct BlockEngine<'m> {
     model: &'m Llama,
@@ -22,6 +22,10 @@ pub struct BlockEngine<'m> {
     pos_shift: bool,
     block: usize,
     cache: KvCache,
+    /// Most slots the cache can ever need: S+W+B, or every fed token for dense; `run` lowers it
+    /// to the stream's length. The cache grows up to it on demand, so a budget far beyond the
+    /// stream costs memory in proportion to the stream, not to the budget.
+    max_slots: usize,
     /// Fed index of the token in each occupied slot, ascending: sinks, then recent tokens.
     held: Vec<u64>,
     context: ContextWarning,
@@ -42,13 +46,22 @@ impl<'m> BlockEngine<'m> {
         if block == 0 {
             bail!("--block-size must be at least 1");
         }
-        let capacity = budget.map_or(4 * block, |(s, w)| s + w + block);
+        let max_slots = match budget {
+            None => usize::MAX,
+            Some(_) => cache_slots(
+                strategy,
+                block,
+                &format!("S+W+B (B = --block-size {block})"),
+            )?,
+        };
         Ok(BlockEngine {
             model,
             budget,
             pos_shift,
             block,
-            cache: model.new_cache(capacity)?,
+            // Empty until `run` knows the stream.
+            cache: model.new_cache(0)?,
+            max_slots,
             held: Vec::new(),
             context: ContextWarning::new(model),
         })
@@ -67,9 +80,8 @@ impl<'m> BlockEngine<'m> {
         let n_new = tokens.len();
         let write_at = self.held.len();
         self.held.extend(first..first + n_new as u64);
-        if self.budget.is_none() {
-            self.cache.ensure_capacity(self.held.len())?;
-        }
+        self.cache
+            .ensure_capacity(self.held.len(), self.max_slots)?;
         let queries: Vec<u64> = (first..first + n_new as u64).collect();
         let mask: Vec<f32> = queries
             .iter()
@@ -93,7 +105,7 @@ impl<'m> BlockEngine<'m> {
             // Recent keys and queries at positions relative to the oldest recent key (only
             // differences matter, and small numbers keep f32 angles exact); the sinks seen from
             // query t at distance min(t, S+W) - i: the true one before eviction starts, the
-            // constant S+W-i after.
+            // constant S+W-i after. (S+W cannot overflow: `new` checked S+W+B.)
             (Some((s, w)), true) => {
                 // (A query that is itself a sink sees no recent key, so `first` bounds it too.)
                 let base = self.held.get(n_sink).map_or(first, |&j| j.min(first));
@@ -134,6 +146,20 @@ impl<'m> BlockEngine<'m> {
         Ok(hidden)
     }
 
+    /// The slot map after feeding fed tokens `0..next` (at a block boundary): the first S, then
+    /// the W most recent of the rest (everything for dense).
+    fn held_after(&self, next: usize) -> Vec<u64> {
+        let next = next as u64;
+        match self.budget {
+            None => (0..next).collect(),
+            Some((s, w)) => {
+                let sinks = next.min(s as u64);
+                let recent = next.saturating_sub(w as u64).max(sinks);
+                (0..sinks).chain(recent..next).collect()
+            }
+        }
+    }
+
     /// After a block, keeps the first S entries and the last W of the rest.
     fn evict(&mut self) -> Result<()> {
         let Some((s, w)) = self.budget else {
@@ -158,14 +184,29 @@ impl<'m> BlockEngine<'m> {
     ) -> Result<NllLog> {
         let mut log = NllLog::default();
         let mut start = 0;
-        if let Some(state) = resume(ckpt.as_deref(), self.model, progress)? {
+        let held_after = |next| self.held_after(next);
+        if let Some(state) = resume(
+            ckpt.as_deref(),
+            self.model,
+            stream,
+            Some(&held_after),
+            progress,
+        ) {
             if let Some((cache, held)) = state.kv {
                 (self.cache, self.held) = (cache, held);
             }
             (start, log) = (state.next, state.log);
         }
+        self.max_slots = self.max_slots.min(stream.len());
+        // An evicting cache is allocated whole (no growth while a latency run times it); a dense
+        // one doubles from four blocks.
+        let initial = match self.budget {
+            Some(_) => self.max_slots,
+            None => self.block.saturating_mul(4).min(self.max_slots),
+        };
+        self.cache.ensure_capacity(initial, self.max_slots)?;
         while start < stream.len() {
-            let end = (start + self.block).min(stream.len());
+            let end = start.saturating_add(self.block).min(stream.len());
             let hidden = self.feed(start as u64, &stream.fed[start..end])?;
             let targets = &stream.targets[start..end];
             let rows: Vec<u32> = (0..targets.len() as u32)

@@ -8,10 +8,10 @@ pub mod block;
 pub mod recompute;
 pub mod token;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
-use crate::checkpoint::{Checkpointer, EngineState};
+use crate::checkpoint::{Checkpointer, EngineState, SlotsAfter};
 use crate::model::Llama;
 use crate::nll_log::{NllLog, NllRecord};
 use crate::strategy::Strategy;
@@ -65,18 +65,33 @@ pub fn run_strategy(
     }
 }
 
-/// The state saved in `ckpt` for this run, if any; moves the progress bar past it.
+/// The state saved in `ckpt` for this run over `stream`, if a sound one exists (see
+/// [`crate::checkpoint`]); moves the progress bar past it. `slots_after` gives the slot map the
+/// engine holds after a number of fed tokens (`None`: the engine keeps no cache).
 pub(crate) fn resume(
     ckpt: Option<&Checkpointer>,
     model: &Llama,
+    stream: &TokenStream,
+    slots_after: Option<SlotsAfter>,
     progress: &ProgressBar,
-) -> Result<Option<EngineState>> {
-    let Some(ckpt) = ckpt else { return Ok(None) };
-    let state = ckpt.load(model.config().n_layer, model.device())?;
-    if let Some(state) = &state {
-        progress.set_position(state.log.len() as u64);
-    }
-    Ok(state)
+) -> Option<EngineState> {
+    let state = ckpt?.load(model, stream, slots_after)?;
+    progress.set_position(state.log.len() as u64);
+    Some(state)
+}
+
+/// S+W+`extra` cache slots of `strategy` (`sink:S+W` or `window:W`), which `total` names in
+/// the error: budgets near 2^64 are a one-line error, not a cache size that wraps around.
+pub(crate) fn cache_slots(strategy: Strategy, extra: usize, total: &str) -> Result<usize> {
+    let (s, w) = strategy
+        .sink_window()
+        .context("only sink:S+W and window:W have a cache budget")?;
+    let slots = s
+        .checked_add(w)
+        .with_context(|| format!("{strategy}: the cache size S+W overflows; give smaller sizes"))?;
+    slots.checked_add(extra).with_context(|| {
+        format!("{strategy}: the cache size {total} overflows; give smaller sizes")
+    })
 }
 
 /// Warns once when a position passes the model's trained context: an experiment, not an error.

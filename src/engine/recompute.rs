@@ -29,7 +29,7 @@ const MAX_WINDOWS: usize = 16;
 
 /// Windows per batch for `recompute:window`.
 pub fn windows_per_batch(window: usize) -> usize {
-    (BATCH_ROWS / (window + 1)).clamp(1, MAX_WINDOWS)
+    (BATCH_ROWS / window.saturating_add(1)).clamp(1, MAX_WINDOWS)
 }
 
 /// One window: fed tokens `fed`, of which `scored` (its last `s` or fewer) are scored.
@@ -56,7 +56,7 @@ pub fn run(
 ) -> Result<NllLog> {
     let mut log = NllLog::default();
     let mut start = 0;
-    if let Some(state) = resume(ckpt.as_deref(), model, progress)? {
+    if let Some(state) = resume(ckpt.as_deref(), model, stream, None, progress) {
         (start, log) = (state.next, state.log);
     }
     let n = stream.len();
@@ -66,7 +66,7 @@ pub fn run(
         let mut group = Vec::with_capacity(batch);
         while start < n && group.len() < batch.max(1) {
             // Fed tokens start..=end are scored by the window that ends at `end`.
-            let end = (start + stride - 1).min(n - 1);
+            let end = start.saturating_add(stride - 1).min(n - 1);
             if stream.targets[start..=end].iter().any(Option::is_some) {
                 group.push(Window {
                     fed: end.saturating_sub(window)..=end,

@@ -12,7 +12,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::{ContextWarning, log_targets, resume};
+use super::{ContextWarning, cache_slots, log_targets, resume};
 
 /// Cache state of an evicting or dense strategy, fed one token at a time.
 pub struct TokenEngine<'m> {
@@ -21,6 +21,11 @@ pub struct TokenEngine<'m> {
     budget: Option<(usize, usize)>,
     pos_shift: bool,
     cache: KvCache,
+    /// Most slots the cache can ever need: S+W+1 (the token being fed sits in the cache while
+    /// it attends), or every fed token for dense; `run` lowers it to the stream's length. The
+    /// cache grows up to it on demand, so a budget far beyond the stream costs memory in
+    /// proportion to the stream, not to the budget.
+    max_slots: usize,
     /// Fed index of the token held in each cache slot.
     slot_token: Vec<u64>,
     /// Number of tokens fed so far.
@@ -38,13 +43,16 @@ impl<'m> TokenEngine<'m> {
                 bail!("{strategy} is not run by the token engine's cache")
             }
         };
-        // One slot more than S+W: the current token sits in the cache while it attends.
-        let capacity = budget.map_or(1024, |(s, w)| s + w + 1);
+        let max_slots = match budget {
+            None => usize::MAX,
+            Some(_) => cache_slots(strategy, 1, "S+W+1")?,
+        };
         Ok(TokenEngine {
             model,
             budget,
             pos_shift,
-            cache: model.new_cache(capacity)?,
+            cache: model.new_cache(0)?,
+            max_slots,
             slot_token: Vec::new(),
             fed: 0,
             context: ContextWarning::new(model),
@@ -53,12 +61,25 @@ impl<'m> TokenEngine<'m> {
 
     /// Slot the next fed token `t` goes to: sinks keep slots 0..S, the W+1 most recent tokens
     /// share a ring after them, so the token written over is exactly the one evicted.
+    /// (S+W+1 cannot overflow: `new` checked it.)
     fn slot_for(&self, t: u64) -> usize {
         match self.budget {
             None => t as usize,
             Some((s, _)) if (t as usize) < s => t as usize,
             Some((s, w)) => s + (t as usize - s) % (w + 1),
         }
+    }
+
+    /// The slot map after feeding fed tokens `0..next`.
+    fn slots_after(&self, next: usize) -> Vec<u64> {
+        let mut slots = Vec::new();
+        for t in 0..next as u64 {
+            match self.slot_for(t) {
+                slot if slot == slots.len() => slots.push(t),
+                slot => slots[slot] = t,
+            }
+        }
+        slots
     }
 
     /// RoPE position of cached token `j` seen from the token `t` being fed.
@@ -76,9 +97,7 @@ impl<'m> TokenEngine<'m> {
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
         let t = self.fed;
         let slot = self.slot_for(t);
-        if self.budget.is_none() {
-            self.cache.ensure_capacity(slot + 1)?;
-        }
+        self.cache.ensure_capacity(slot + 1, self.max_slots)?;
         if slot == self.slot_token.len() {
             self.slot_token.push(t);
         } else {
@@ -119,12 +138,11 @@ impl<'m> TokenEngine<'m> {
         }
         match self.budget {
             // Up to S+W+1 tokens, token t sits in slot t at position t, as `step` puts it.
-            Some((s, w)) if n > s + w + 1 => bail!(
+            Some((s, w)) if n > self.max_slots => bail!(
                 "prefill of {n} tokens would evict: sink:{s}+{w} holds at most {} without eviction",
-                s + w + 1
+                self.max_slots
             ),
-            Some(_) => {}
-            None => self.cache.ensure_capacity(n)?,
+            _ => self.cache.ensure_capacity(n, self.max_slots)?,
         }
         let pos: Vec<u64> = (0..n as u64).collect();
         let plan = AttnPlan {
@@ -150,13 +168,27 @@ impl<'m> TokenEngine<'m> {
         mut ckpt: Option<&mut Checkpointer>,
     ) -> Result<NllLog> {
         let mut log = NllLog::default();
-        if let Some(state) = resume(ckpt.as_deref(), self.model, progress)? {
+        let slots_after = |next| self.slots_after(next);
+        if let Some(state) = resume(
+            ckpt.as_deref(),
+            self.model,
+            stream,
+            Some(&slots_after),
+            progress,
+        ) {
             if let Some((cache, slot_token)) = state.kv {
                 (self.cache, self.slot_token) = (cache, slot_token);
             }
             self.fed = state.next as u64;
             log = state.log;
         }
+        self.max_slots = self.max_slots.min(stream.len());
+        // An evicting cache is allocated whole; a dense one doubles from 1024 slots.
+        let initial = match self.budget {
+            Some(_) => self.max_slots,
+            None => self.max_slots.min(1024),
+        };
+        self.cache.ensure_capacity(initial, self.max_slots)?;
         for i in self.fed as usize..stream.len() {
             let hidden = self.step(stream.fed[i])?;
             if let Some(target) = stream.targets[i] {

@@ -64,15 +64,17 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A progress bar on stderr with rate and ETA (hidden when stderr is not a terminal).
+/// A progress bar on stderr with rate and ETA (hidden when stderr is not a terminal); its
+/// message is free for a running figure (the engines show the running PPL).
 pub fn progress_bar(len: u64, what: &str, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
-    let template =
-        format!("{{msg:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}");
+    let template = format!(
+        "{{prefix:>24}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}} {{msg}}"
+    );
     bar.set_style(
         ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.set_message(what.to_string());
+    bar.set_prefix(what.to_string());
     bar
 }
 

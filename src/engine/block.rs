@@ -13,7 +13,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::{ContextWarning, cache_slots, log_targets, resume};
+use super::{ContextWarning, ScoredLog, cache_slots, resume};
 
 pub struct BlockEngine<'m> {
     model: &'m Llama,
@@ -197,6 +197,7 @@ impl<'m> BlockEngine<'m> {
             }
             (start, log) = (state.next, state.log);
         }
+        let mut scored = ScoredLog::new(log, progress);
         self.max_slots = self.max_slots.min(stream.len());
         // An evicting cache is allocated whole (no growth while a latency run times it); a dense
         // one doubles from four blocks.
@@ -219,14 +220,13 @@ impl<'m> BlockEngine<'m> {
                 } else {
                     hidden.index_select(&Tensor::new(rows.as_slice(), self.model.device())?, 0)?
                 };
-                log_targets(&mut log, targets, &self.model.nll(&hidden, &ids)?);
-                progress.inc(rows.len() as u64);
+                scored.append(targets, &self.model.nll(&hidden, &ids)?);
             }
             start = end;
             if let Some(c) = ckpt.as_deref_mut().filter(|c| c.due()) {
-                c.save(start, &log, Some((&self.cache, &self.held)))?;
+                c.save(start, &scored.log, Some((&self.cache, &self.held)))?;
             }
         }
-        Ok(log)
+        Ok(scored.log)
     }
 }

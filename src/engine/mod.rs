@@ -119,14 +119,46 @@ impl ContextWarning {
     }
 }
 
-/// Appends the NLLs of `targets` (skipping unscored fed tokens) to `log`.
-pub(crate) fn log_targets(log: &mut NllLog, targets: &[Option<Target>], nll: &[f32]) {
-    for (t, &v) in targets.iter().flatten().zip(nll) {
-        log.push(NllRecord {
-            position: t.position,
-            book: t.book,
-            token_id: t.token,
-            nll: v,
-        });
+/// A run's growing log: appends the NLLs of scored targets and shows the count and the running
+/// PPL on the progress bar (its sum kept as the log grows, so a long run pays nothing for it).
+pub(crate) struct ScoredLog<'p> {
+    pub(crate) log: NllLog,
+    sum: f64,
+    progress: &'p ProgressBar,
+}
+
+impl<'p> ScoredLog<'p> {
+    /// Continues `log` (empty, or restored from a checkpoint).
+    pub(crate) fn new(log: NllLog, progress: &'p ProgressBar) -> Self {
+        let scored = ScoredLog {
+            sum: log.sum_nll(),
+            log,
+            progress,
+        };
+        scored.show();
+        scored
+    }
+
+    /// Appends the NLLs of `targets` (skipping unscored fed tokens).
+    pub(crate) fn append(&mut self, targets: &[Option<Target>], nll: &[f32]) {
+        for (t, &v) in targets.iter().flatten().zip(nll) {
+            self.log.push(NllRecord {
+                position: t.position,
+                book: t.book,
+                token_id: t.token,
+                nll: v,
+            });
+            self.sum += v as f64;
+        }
+        self.show();
+    }
+
+    fn show(&self) {
+        let n = self.log.len();
+        self.progress.set_position(n as u64);
+        if n > 0 {
+            let ppl = (self.sum / n as f64).exp();
+            self.progress.set_message(format!("PPL {ppl:.3}"));
+        }
     }
 }

@@ -17,7 +17,7 @@ use crate::model::Llama;
 use crate::nll_log::NllLog;
 use crate::stream::TokenStream;
 
-use super::{log_targets, resume};
+use super::{ScoredLog, resume};
 
 /// Rows (windows x window length) per batched forward pass. Measured on 2 CPU cores with the
 /// default model (ms per window, one at a time -> batched): 65-token windows 217 -> 167 with 16
@@ -59,6 +59,7 @@ pub fn run(
     if let Some(state) = resume(ckpt.as_deref(), model, stream, None, progress) {
         (start, log) = (state.next, state.log);
     }
+    let mut scored = ScoredLog::new(log, progress);
     let n = stream.len();
     while start < n {
         // The next `batch` windows with something to score. A window with nothing to score
@@ -97,12 +98,11 @@ pub fn run(
                 .collect();
             let ids: Vec<u32> = targets.iter().flatten().map(|t| t.token).collect();
             let nll = model.nll(&hidden.index_select(&rows, 0)?, &ids)?;
-            log_targets(&mut log, &targets, &nll);
-            progress.inc(ids.len() as u64);
+            scored.append(&targets, &nll);
         }
         if let Some(c) = ckpt.as_deref_mut().filter(|c| c.due()) {
-            c.save(start, &log, None)?;
+            c.save(start, &scored.log, None)?;
         }
     }
-    Ok(log)
+    Ok(scored.log)
 }

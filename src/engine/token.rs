@@ -12,7 +12,7 @@ use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
-use super::{ContextWarning, cache_slots, log_targets, resume};
+use super::{ContextWarning, ScoredLog, cache_slots, resume};
 
 /// Cache state of an evicting or dense strategy, fed one token at a time.
 pub struct TokenEngine<'m> {
@@ -182,6 +182,7 @@ impl<'m> TokenEngine<'m> {
             self.fed = state.next as u64;
             log = state.log;
         }
+        let mut scored = ScoredLog::new(log, progress);
         self.max_slots = self.max_slots.min(stream.len());
         // An evicting cache is allocated whole; a dense one doubles from 1024 slots.
         let initial = match self.budget {
@@ -193,14 +194,13 @@ impl<'m> TokenEngine<'m> {
             let hidden = self.step(stream.fed[i])?;
             if let Some(target) = stream.targets[i] {
                 let nll = self.model.nll(&hidden, &[target.token])?;
-                log_targets(&mut log, &stream.targets[i..=i], &nll);
-                progress.inc(1);
+                scored.append(&stream.targets[i..=i], &nll);
             }
             if let Some(c) = ckpt.as_deref_mut().filter(|c| c.due()) {
-                c.save(i + 1, &log, Some((&self.cache, &self.slot_token)))?;
+                c.save(i + 1, &scored.log, Some((&self.cache, &self.slot_token)))?;
             }
         }
-        Ok(log)
+        Ok(scored.log)
     }
 }
 

@@ -174,8 +174,9 @@ impl KvCache {
         }
         for (k, v) in &self.layers {
             for t in [k, v] {
-                // A copy first: source and destination may overlap.
-                let src = t.narrow(1, from, len)?.contiguous()?;
+                // A copy first: source and destination may overlap. (`contiguous` would not copy
+                // a slice of a single-KV-head cache, which is contiguous already.)
+                let src = t.narrow(1, from, len)?.force_contiguous()?;
                 t.slice_set(&src, 1, to)?;
             }
         }
@@ -199,6 +200,23 @@ mod tests {
             cache.write(layer, 0, &k, &k.neg().unwrap()).unwrap();
         }
         cache
+    }
+
+    #[test]
+    fn moving_overlapping_slots_works_with_one_kv_head() {
+        let mut cache = KvCache::new(1, 1, 2, 6, &Device::Cpu).unwrap();
+        let k = Tensor::arange(0f32, 12., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 6, 2))
+            .unwrap();
+        cache.write(0, 0, &k, &k).unwrap();
+        cache.move_slots(2, 1, 4).unwrap();
+        let (k, _) = cache.read(0, 5).unwrap();
+        let firsts: Vec<f32> = k.to_vec3::<f32>().unwrap()[0]
+            .iter()
+            .map(|r| r[0])
+            .collect();
+        assert_eq!(firsts, vec![0.0, 4.0, 6.0, 8.0, 10.0]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Layout: `RUN_DIR/checkpoint/{state.json, nll.parquet, kv.safetensors}`, written to
 //! `checkpoint.tmp/` and swapped in by renames; the previous checkpoint stays as
-//! `checkpoint.old/`. `state.json` records each other file's length and sha256, how many log
+//! `checkpoint.old/`. `state.json` records each other file's length and CRC-32, how many log
 //! records and occupied cache slots it holds, and the run's fingerprint. A checkpoint is only
 //! resumed if all of that checks out AND its log holds exactly the targets of the stream's fed
 //! tokens before its position AND its slot map is the one the engine has at that position.
@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::model::{KvCache, Llama};
 use crate::nll_log::NllLog;
@@ -42,11 +41,13 @@ pub struct EngineState {
 /// The slot map an engine holds after feeding the first `next` tokens of its stream.
 pub type SlotsAfter<'a> = &'a dyn Fn(usize) -> Vec<u64>;
 
-/// Length and sha256 of a checkpoint file, recorded in `state.json`.
+/// Length and CRC-32 of a checkpoint file, recorded in `state.json`. A CRC, not a cryptographic
+/// hash: it is there to catch truncation and flipped bits, and it checksums the 922 MB cache of a
+/// 20K-token dense run in about 0.1 s where sha256 took 0.7 s (2-core Xeon with SHA-NI).
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
 struct Seal {
     bytes: u64,
-    sha256: String,
+    crc32: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,14 +73,10 @@ struct StateFile {
     kv: Option<KvState>,
 }
 
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A writer that counts and hashes what goes through it, so a file's seal costs no re-read.
 struct Sealing<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: crc32fast::Hasher,
     bytes: u64,
 }
 
@@ -96,7 +93,7 @@ impl<W: Write> Write for Sealing<W> {
     }
 }
 
-/// The file's bytes if its length and sha256 are the sealed ones; else what is wrong.
+/// The file's bytes if its length and CRC-32 are the sealed ones; else what is wrong.
 fn read_sealed(path: &Path, seal: &Seal) -> std::result::Result<Vec<u8>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if bytes.len() as u64 != seal.bytes {
@@ -107,9 +104,9 @@ fn read_sealed(path: &Path, seal: &Seal) -> std::result::Result<Vec<u8>, String>
             seal.bytes
         ));
     }
-    if hex(&Sha256::digest(&bytes)) != seal.sha256 {
+    if crc32fast::hash(&bytes) != seal.crc32 {
         return Err(format!(
-            "{}: sha256 differs from the one in state.json (damaged or replaced)",
+            "{}: CRC-32 differs from the one in state.json (damaged or replaced)",
             path.display()
         ));
     }
@@ -363,7 +360,7 @@ fn save_log(log: &NllLog, path: &Path) -> Result<LogState> {
     Ok(LogState {
         seal: Seal {
             bytes: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
+            crc32: crc32fast::hash(&bytes),
         },
         records: log.len(),
     })
@@ -374,7 +371,7 @@ fn save_kv(cache: &KvCache, slot_token: &[u64], path: &Path) -> Result<KvState> 
     let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
     let mut out = Sealing {
         inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
+        hasher: crc32fast::Hasher::new(),
         bytes: 0,
     };
     cache
@@ -384,7 +381,7 @@ fn save_kv(cache: &KvCache, slot_token: &[u64], path: &Path) -> Result<KvState> 
     Ok(KvState {
         seal: Seal {
             bytes: out.bytes,
-            sha256: hex(&out.hasher.finalize()),
+            crc32: out.hasher.finalize(),
         },
         occupied: slot_token.len(),
         slot_token: slot_token.to_vec(),

@@ -225,14 +225,7 @@ pub fn summary_line(run: &FinishedRun) -> String {
 
 /// The variants of a run as its folder name writes them (`@no-pos-shift`, ...), if any.
 fn run_name_suffix(r: &RunRecord) -> Option<String> {
-    let strategy = r.options.strategy().ok()?;
-    let opts = EvalOptions {
-        pos_shift: r.options.pos_shift,
-        sink_text: r.options.sink_text.clone(),
-        score_every: r.options.score_every,
-        ..EvalOptions::new(strategy)
-    };
-    let name = opts.run_name();
+    let name = r.options.eval_options().ok()?.run_name();
     name.find('@').map(|i| name[i..].to_string())
 }
 

@@ -92,6 +92,17 @@ impl RunOptionsRecord {
         })
     }
 
+    /// The options these fields describe (the engine left at its default: it is kept beside
+    /// them in the record).
+    pub fn eval_options(&self) -> Result<EvalOptions> {
+        Ok(EvalOptions {
+            pos_shift: self.pos_shift,
+            sink_text: self.sink_text.clone(),
+            score_every: self.score_every,
+            ..EvalOptions::new(self.strategy()?)
+        })
+    }
+
     /// Whether only a sample of the tokens was scored (`--score-every k`, k > 1).
     pub fn is_sample(&self) -> bool {
         self.score_every.is_some_and(|k| k > 1)

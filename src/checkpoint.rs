@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{KvCache, Llama};
+use crate::model::{KvCache, Model};
 use crate::nll_log::NllLog;
 use crate::stream::TokenStream;
 
@@ -215,7 +215,7 @@ impl Checkpointer {
     /// docs) is reported on one `note:` line and skipped.
     pub fn load(
         &self,
-        model: &Llama,
+        model: &Model,
         stream: &TokenStream,
         slots_after: Option<SlotsAfter>,
     ) -> Option<EngineState> {
@@ -276,7 +276,7 @@ impl Checkpointer {
     fn read_dir(
         &self,
         dir: &Path,
-        model: &Llama,
+        model: &Model,
         stream: &TokenStream,
         slots_after: Option<SlotsAfter>,
     ) -> std::result::Result<EngineState, String> {
@@ -409,7 +409,7 @@ fn read_log(
     Ok(log)
 }
 
-fn read_kv(path: &Path, saved: &KvState, model: &Llama) -> std::result::Result<KvCache, String> {
+fn read_kv(path: &Path, saved: &KvState, model: &Model) -> std::result::Result<KvCache, String> {
     if saved.slot_token.len() != saved.occupied {
         return Err(format!(
             "{}: {} occupied slots but a slot map of {}",
@@ -419,8 +419,8 @@ fn read_kv(path: &Path, saved: &KvState, model: &Llama) -> std::result::Result<K
         ));
     }
     let bytes = read_sealed(path, &saved.seal)?;
-    let cfg = model.config();
-    let shape = [cfg.n_layer, cfg.n_kv_head, saved.occupied, cfg.head_dim()];
+    let d = &model.dims;
+    let shape = [d.n_layer, d.n_kv_head, saved.occupied, d.head_dim];
     candle_core::safetensors::load_buffer(&bytes, model.device())
         .and_then(|tensors| KvCache::from_safetensors(tensors, shape))
         .map_err(|e| format!("{}: {e}", path.display()))

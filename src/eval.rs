@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use crate::corpus::Book;
 use crate::engine::{EngineKind, run_strategy};
-use crate::model::Llama;
+use crate::model::Model;
 use crate::nll_log::NllLog;
 use crate::records::run::BookMetrics;
 use crate::strategy::Strategy;
@@ -243,7 +243,7 @@ pub fn fingerprint(
 
 /// Runs the strategy over the corpus and returns the per-token log (no checkpoints).
 pub fn evaluate(
-    model: &Llama,
+    model: &Model,
     tok: &TextTokenizer,
     corpus: &TokenizedCorpus,
     opts: &EvalOptions,

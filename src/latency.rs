@@ -9,7 +9,7 @@ use indicatif::ProgressBar;
 
 use crate::engine::block::BlockEngine;
 use crate::engine::token::TokenEngine;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::records::latency::LatencyPoint;
 use crate::runner::peak_rss_bytes;
 use crate::strategy::Strategy;
@@ -52,7 +52,7 @@ impl LatencyOptions {
 /// `tokens` is one stream of at least C + steps + 2 tokens (more for the block engine; the
 /// error says how many); `progress` moves once per method and cache.
 pub fn measure_latency(
-    model: &Llama,
+    model: &Model,
     tokens: &[u32],
     opts: &LatencyOptions,
     progress: &ProgressBar,
@@ -125,7 +125,7 @@ fn mean_ms(steps: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> 
 /// The token engine over a full, evicting cache: prefill C tokens (untimed), one warm-up
 /// step, then `steps` timed steps each scoring its next token. Returns (ms/token, tokens).
 fn time_streaming(
-    model: &Llama,
+    model: &Model,
     strategy: Strategy,
     tokens: &[u32],
     cache: usize,
@@ -153,7 +153,7 @@ const BLOCK_TIMING_FLOOR: Duration = Duration::from_millis(250);
 /// runs alternate, at least twice each and until [`BLOCK_TIMING_FLOOR`] has passed (many times
 /// for a small model, twice for a real one), and the fastest of each length counts.
 fn time_block(
-    model: &Llama,
+    model: &Model,
     strategy: Strategy,
     books: &[Vec<u32>],
     cache: usize,
@@ -187,7 +187,7 @@ fn time_block(
 /// scratch at positions 0..=C under a causal mask (as `engine::recompute` does, one window per
 /// forward pass) and scores token i+1 from the last row. One warm-up token, then `steps` timed.
 fn time_recompute(
-    model: &Llama,
+    model: &Model,
     tokens: &[u32],
     cache: usize,
     steps: usize,

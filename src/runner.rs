@@ -15,7 +15,7 @@ use crate::corpus::{Book, load_corpora};
 use crate::engine::{EngineKind, run_strategy};
 use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, numerics_epoch, stream_for};
 use crate::memory::MemorySampler;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::model::gguf::load_gguf;
 use crate::records::memory::write_csv;
 use crate::records::run::{
@@ -28,7 +28,7 @@ use crate::tokenizer::TextTokenizer;
 
 /// A loaded model with what run records say about it.
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Model,
     pub tokenizer: TextTokenizer,
     pub info: ModelInfo,
 }
@@ -40,7 +40,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
         path: path.display().to_string(),
         sha256: sha256_file(path)?,
         architecture: "llama".into(),
-        trained_context: model.config().context_length,
+        trained_context: model.dims.context_length,
     };
     Ok(LoadedModel {
         model,
@@ -494,23 +494,24 @@ pub fn now_rfc3339() -> String {
 /// `streamppl info`: the architecture, the tokenizer and the file's checksum.
 pub fn model_info(path: &Path) -> Result<String> {
     let lm = load_model(path, &Device::Cpu)?;
-    let c = lm.model.config();
+    let (d, a) = (&lm.model.dims, &lm.model.arch);
     Ok(format!(
-        "model: {}\nsha256: {}\narchitecture: llama, {} layers, hidden {}, ffn {}, {} heads ({} KV heads), head dim {}\n\
-         rope theta: {}, rms eps: {}, trained context: {}, tied embeddings: {}\nvocab: {} (tokenizer: {} entries, BOS added: {})\n",
+        "model: {}\nsha256: {}\nfamily: {} ({}), {} parameters\n\
+         {} layers, hidden {}, {} heads ({} KV heads), head dim {}, trained context: {}\n\
+         positions: {}\nvocab: {} (tokenizer: {} entries, BOS added: {})\n",
         lm.info.path,
         lm.info.sha256,
-        c.n_layer,
-        c.hidden_size,
-        c.intermediate_size,
-        c.n_head,
-        c.n_kv_head,
-        c.head_dim(),
-        c.rope_theta,
-        c.rms_eps,
-        c.context_length,
-        c.tied_embeddings,
-        c.vocab_size,
+        a.family,
+        a.model_type,
+        lm.model.parameter_count(),
+        d.n_layer,
+        d.hidden_size,
+        d.n_head,
+        d.n_kv_head,
+        d.head_dim,
+        d.context_length,
+        a.positions,
+        d.vocab_size,
         lm.tokenizer.vocab_size(),
         lm.tokenizer.bos().is_some(),
     ))

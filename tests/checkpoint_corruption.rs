@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use streamppl::checkpoint::Checkpointer;
 use streamppl::engine::{EngineKind, run_strategy};
 use streamppl::model::random::random_llama;
-use streamppl::model::{Config, Llama};
+use streamppl::model::{Config, Model};
 use streamppl::nll_log::NllLog;
 use streamppl::strategy::Strategy;
 use streamppl::stream::TokenStream;
@@ -22,7 +22,7 @@ use streamppl::stream::TokenStream;
 const VOCAB: usize = 61;
 const FINGERPRINT: &str = "this run";
 
-fn model() -> Llama {
+fn model() -> Model {
     random_llama(&Config::tiny(VOCAB), 7, &Device::Cpu).unwrap()
 }
 
@@ -74,12 +74,12 @@ const CASES: [Case; 4] = [
     },
 ];
 
-fn run(model: &Llama, case: Case, stream: &TokenStream, ckpt: Option<&mut Checkpointer>) -> NllLog {
+fn run(model: &Model, case: Case, stream: &TokenStream, ckpt: Option<&mut Checkpointer>) -> NllLog {
     run_with(model, case.strategy, case.engine, stream, ckpt)
 }
 
 fn run_with(
-    model: &Llama,
+    model: &Model,
     strategy: &str,
     engine: EngineKind,
     stream: &TokenStream,
@@ -100,7 +100,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A run killed right after its checkpoint at fed token `case.cut`, saving after every block:
 /// leaves `run_dir/checkpoint/` (at the cut) and `run_dir/checkpoint.old/` (the one before).
-fn interrupted(model: &Llama, case: Case, stream: &TokenStream, run_dir: &Path, fingerprint: &str) {
+fn interrupted(model: &Model, case: Case, stream: &TokenStream, run_dir: &Path, fingerprint: &str) {
     let cut = TokenStream {
         fed: stream.fed[..case.cut].to_vec(),
         targets: stream.targets[..case.cut].to_vec(),
@@ -111,7 +111,7 @@ fn interrupted(model: &Llama, case: Case, stream: &TokenStream, run_dir: &Path, 
 
 /// Resumes over the whole stream (saving no new checkpoint); the log and the checkpointer.
 fn resumed(
-    model: &Llama,
+    model: &Model,
     case: Case,
     stream: &TokenStream,
     run_dir: &Path,

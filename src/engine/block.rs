@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use indicatif::ProgressBar;
 
 use crate::checkpoint::Checkpointer;
-use crate::model::{AttnPlan, KvCache, Llama, SinkRotation};
+use crate::model::{AttnPlan, KvCache, Model, SinkRotation};
 use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
@@ -16,7 +16,7 @@ use crate::stream::TokenStream;
 use super::{ContextWarning, ScoredLog, cache_slots, resume};
 
 pub struct BlockEngine<'m> {
-    model: &'m Llama,
+    model: &'m Model,
     /// `(S, W)`; `None` for dense.
     budget: Option<(usize, usize)>,
     pos_shift: bool,
@@ -33,7 +33,7 @@ pub struct BlockEngine<'m> {
 
 impl<'m> BlockEngine<'m> {
     pub fn new(
-        model: &'m Llama,
+        model: &'m Model,
         strategy: Strategy,
         pos_shift: bool,
         block: usize,
@@ -124,6 +124,8 @@ impl<'m> BlockEngine<'m> {
                         n_keys: n_sink,
                         q_pos: queries.iter().map(|&t| t.min((s + w) as u64)).collect(),
                     }),
+                    q_fed: queries.clone(),
+                    k_fed: self.held.clone(),
                 }
             }
             // Dense and --no-pos-shift: every key at its stream position (f64-built tables).
@@ -133,6 +135,8 @@ impl<'m> BlockEngine<'m> {
                 k_pos: self.held.clone(),
                 mask: Some(mask),
                 sinks: None,
+                q_fed: queries.clone(),
+                k_fed: self.held.clone(),
             },
         };
         // The last query's position as the token engine would give it.

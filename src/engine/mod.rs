@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
 use crate::checkpoint::{Checkpointer, EngineState, SlotsAfter};
-use crate::model::Llama;
+use crate::model::Model;
 use crate::nll_log::{NllLog, NllRecord};
 use crate::strategy::Strategy;
 use crate::stream::{Target, TokenStream};
@@ -41,7 +41,7 @@ impl EngineKind {
 /// `pos_shift = false` is the `--no-pos-shift` ablation (window and sink only). With `ckpt`,
 /// the run resumes from its checkpoint and saves new ones as it goes.
 pub fn run_strategy(
-    model: &Llama,
+    model: &Model,
     strategy: Strategy,
     pos_shift: bool,
     engine: EngineKind,
@@ -70,7 +70,7 @@ pub fn run_strategy(
 /// engine holds after a number of fed tokens (`None`: the engine keeps no cache).
 pub(crate) fn resume(
     ckpt: Option<&Checkpointer>,
-    model: &Llama,
+    model: &Model,
     stream: &TokenStream,
     slots_after: Option<SlotsAfter>,
     progress: &ProgressBar,
@@ -101,9 +101,9 @@ pub(crate) struct ContextWarning {
 }
 
 impl ContextWarning {
-    pub(crate) fn new(model: &Llama) -> Self {
+    pub(crate) fn new(model: &Model) -> Self {
         ContextWarning {
-            context: model.config().context_length as u64,
+            context: model.dims.context_length as u64,
             warned: false,
         }
     }

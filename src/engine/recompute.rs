@@ -2,7 +2,7 @@
 //! W+1 fed tokens is run from scratch at positions 0..=W, and scores the last `s` of them
 //! (s = 1 is the exact strategy; s > 1 is the Hugging Face / llama.cpp stride approximation).
 //!
-//! Windows are independent, so several of them run as one batch ([`Llama::forward_windows`]):
+//! Windows are independent, so several of them run as one batch ([`Model::forward_windows`]):
 //! the weight matmuls see windows x (W+1) rows at once. A batch holds the next windows that
 //! score something (a `--score-every` sample skips the rest without computing them), and
 //! checkpoints are saved only between batches, so a resumed run forms the same batches.
@@ -13,7 +13,7 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 
 use crate::checkpoint::Checkpointer;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::nll_log::NllLog;
 use crate::stream::TokenStream;
 
@@ -46,7 +46,7 @@ impl Window {
 
 /// Runs the stream with up to `batch` windows per forward pass (1: one window at a time).
 pub fn run(
-    model: &Llama,
+    model: &Model,
     window: usize,
     stride: usize,
     batch: usize,

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use indicatif::ProgressBar;
 
 use crate::checkpoint::Checkpointer;
-use crate::model::{AttnPlan, KvCache, Llama};
+use crate::model::{AttnPlan, KvCache, Model};
 use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
@@ -16,7 +16,7 @@ use super::{ContextWarning, ScoredLog, cache_slots, resume};
 
 /// Cache state of an evicting or dense strategy, fed one token at a time.
 pub struct TokenEngine<'m> {
-    model: &'m Llama,
+    model: &'m Model,
     /// `(S, W)`; `None` for dense (nothing is ever evicted).
     budget: Option<(usize, usize)>,
     pos_shift: bool,
@@ -35,7 +35,7 @@ pub struct TokenEngine<'m> {
 
 impl<'m> TokenEngine<'m> {
     /// `pos_shift = false` is the `--no-pos-shift` ablation: keys keep their stream positions.
-    pub fn new(model: &'m Llama, strategy: Strategy, pos_shift: bool) -> Result<Self> {
+    pub fn new(model: &'m Model, strategy: Strategy, pos_shift: bool) -> Result<Self> {
         let budget = match strategy {
             Strategy::Dense => None,
             Strategy::Sink { sinks, window } => Some((sinks, window)),
@@ -113,6 +113,8 @@ impl<'m> TokenEngine<'m> {
                 .collect(),
             mask: None,
             sinks: None,
+            q_fed: vec![t],
+            k_fed: self.slot_token.clone(),
         };
         self.context.check(plan.q_pos[0]);
         let hidden = self.model.forward(&[token], &plan, &mut self.cache)?;
@@ -148,9 +150,11 @@ impl<'m> TokenEngine<'m> {
         let plan = AttnPlan {
             q_pos: pos.clone(),
             write_at: 0,
-            k_pos: pos,
+            k_pos: pos.clone(),
             mask: Some(AttnPlan::causal_mask(n, self.model.device())?), // (n, n)
             sinks: None,
+            q_fed: pos.clone(),
+            k_fed: pos,
         };
         self.context.check(n as u64 - 1);
         self.model.forward(tokens, &plan, &mut self.cache)?; // (n, hidden), unused

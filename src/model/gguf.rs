@@ -10,7 +10,9 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::llama::{Config, InvalidConfig, Llama};
+use super::decoder::Model;
+use super::llama::{self, Config, InvalidConfig, Naming};
+use super::rope::RopeScaling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -75,7 +77,7 @@ pub fn check_model_file(path: &Path) -> Result<(), ModelError> {
 
 /// A parsed GGUF file: its metadata and the dequantized model.
 pub struct GgufModel {
-    pub model: Llama,
+    pub model: Model,
     pub metadata: HashMap<String, Value>,
 }
 
@@ -141,13 +143,49 @@ pub fn config_from_metadata(md: &HashMap<String, Value>, path: &str) -> Result<C
             true => u("attention.head_count_kv")?,
             false => n_head,
         },
+        explicit_head_dim: None,
         rope_theta: f("rope.freq_base", 10_000.0)?,
+        rope_scaling: rope_scaling(md, path)?,
         rms_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
         context_length: u("context_length")?,
         tied_embeddings: true, // fixed below from the tensor list
+        qkv_bias: false,
+        out_bias: false,
+        layer_windows: Vec::new(),
     };
     cfg.validate().map_err(|e| invalid_config(path, md, e))?;
     Ok(cfg)
+}
+
+/// `llama.rope.scaling.type` (and `.factor`): none or linear; others are an error.
+fn rope_scaling(md: &HashMap<String, Value>, path: &str) -> Result<RopeScaling, ModelError> {
+    let Some(kind) = md.get("llama.rope.scaling.type") else {
+        return Ok(RopeScaling::None);
+    };
+    let unsupported = |why: String| ModelError::Unsupported {
+        path: path.into(),
+        why,
+    };
+    match kind.to_string().map(String::as_str) {
+        Ok("none") => Ok(RopeScaling::None),
+        Ok("linear") => {
+            let factor = md
+                .get("llama.rope.scaling.factor")
+                .and_then(|v| v.to_f32().ok())
+                .filter(|f| f.is_finite() && *f > 0.0)
+                .ok_or_else(|| {
+                    unsupported(
+                        "linear RoPE scaling without a positive llama.rope.scaling.factor".into(),
+                    )
+                })?;
+            Ok(RopeScaling::Linear {
+                factor: factor as f64,
+            })
+        }
+        _ => Err(unsupported(format!(
+            "RoPE scaling type {kind:?}; streamppl reads linear scaling from GGUF (load the Hugging Face checkpoint for llama3 scaling)"
+        ))),
+    }
 }
 
 /// A [`InvalidConfig`] of a GGUF file, its field named by the metadata key it came from.
@@ -305,6 +343,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
     let content = Content::read(&mut reader).map_err(|e| bad(&p, e))?;
     let mut cfg = config_from_metadata(&content.metadata, &p)?;
     cfg.tied_embeddings = !content.tensor_infos.contains_key("output.weight");
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(ModelError::Unsupported {
+            path: p,
+            why: "per-frequency RoPE factors (rope_freqs.weight, llama3 scaling); load the Hugging Face checkpoint instead".into(),
+        });
+    }
     // Only the tensors the model reads: others (e.g. rope_freqs) are never dequantized.
     let mut tensors = HashMap::new();
     for name in check_tensor_shapes(&cfg, &content.tensor_infos, &p)? {
@@ -317,7 +361,11 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
         tensors.insert(name, t);
     }
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = Llama::new(&cfg, vb).map_err(|e| bad(&p, e))?;
+    let arch = meta(&content.metadata, "general.architecture", &p)?
+        .to_string()
+        .map_err(|e| bad(&p, e))?
+        .clone();
+    let model = llama::load(&cfg, vb, Naming::Gguf, &arch).map_err(|e| bad(&p, e))?;
     Ok(GgufModel {
         model,
         metadata: content.metadata,

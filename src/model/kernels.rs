@@ -12,6 +12,8 @@
 use candle_core::{Device, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::rope::PairLayout;
+
 /// `exp(x)` for f32, to about 2 ulp, written so the compiler vectorizes loops over it: range
 /// reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r, then 2^n via exponent bits.
 /// Inputs below -87.3 (including -inf, a masked score) give 0.
@@ -67,7 +69,9 @@ simd_dispatch!(fn log_sum_exp(row: &[f32]) -> f64 = log_sum_exp_generic);
 simd_dispatch!(fn softmax_row(row: &mut [f32], parts: &[&[f32]], mask: Option<&[f32]>) = softmax_row_generic);
 simd_dispatch!(fn silu_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) = silu_mul_row_generic);
 simd_dispatch!(fn rms_norm_row(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) = rms_norm_row_generic);
-simd_dispatch!(fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) = rope_row_generic);
+simd_dispatch!(fn rope_interleaved_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) = rope_interleaved_row_generic);
+simd_dispatch!(fn rope_half_split_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) = rope_half_split_row_generic);
+simd_dispatch!(fn layer_norm_row(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) = layer_norm_row_generic);
 
 /// Sum of `f(x)` with eight independent accumulators, so it vectorizes (a single running f32
 /// sum cannot be reordered by the compiler).
@@ -278,10 +282,12 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     })
 }
 
-/// Rotates the pairs (x[2i], x[2i+1]) of one row by the angles whose cos and sin are given.
+/// Rotates the pairs (x[2i], x[2i+1]) of the first `2 * cos.len()` channels of one row by the
+/// angles whose cos and sin are given; the other channels are copied (partial rotary).
 #[inline(always)]
-fn rope_row_generic(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
-    for (((o, v), &c), &s) in out
+fn rope_interleaved_row_generic(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
+    let rotary = 2 * cos.len();
+    for (((o, v), &c), &s) in out[..rotary]
         .chunks_exact_mut(2)
         .zip(x.chunks_exact(2))
         .zip(cos)
@@ -290,26 +296,67 @@ fn rope_row_generic(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
         o[0] = v[0] * c - v[1] * s;
         o[1] = v[0] * s + v[1] * c;
     }
+    out[rotary..].copy_from_slice(&x[rotary..]);
 }
 
-/// Interleaved rotary embedding (GGUF's pair order, as candle's `rope_i`): `x` (heads, t, d),
-/// `cos` and `sin` (t, d / 2), row i of the tables for position i of every head.
-pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Rotates the pairs (x[i], x[i + h]), h = `cos.len()`, of the first 2h channels of one row;
+/// the other channels are copied (partial rotary).
+#[inline(always)]
+fn rope_half_split_row_generic(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
+    let h = cos.len();
+    let (lo, rest) = out.split_at_mut(h);
+    let (hi, tail) = rest.split_at_mut(h);
+    for i in 0..h {
+        let (a, b) = (x[i], x[i + h]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+    tail.copy_from_slice(&x[2 * h..]);
+}
+
+/// Rotary embedding of `x` (heads, t, d) in `layout`, rotating the first `2 * cos.dim(1)`
+/// channels of each head: `cos` and `sin` (t, rotary_dim / 2), row i of the tables for
+/// position i of every head.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: PairLayout) -> Result<Tensor> {
     let (heads, t, d) = x.dims3()?;
-    if cos.dims2()? != (t, d / 2) || sin.dims2()? != (t, d / 2) {
+    let (rows, half) = cos.dims2()?;
+    if rows != t || sin.dims2()? != (t, half) || 2 * half > d {
         candle_core::bail!("rope tables {:?} do not fit {:?}", cos.shape(), x.shape())
     }
-    let half = d / 2;
+    let row_fn = match layout {
+        PairLayout::Interleaved => rope_interleaved_row,
+        PairLayout::HalfSplit => rope_half_split_row,
+    };
     fill_rows(&[x, cos, sin], (heads, t, d), d, |r, s, dst| {
         // Row r is position r % t of head r / t.
         let p = r % t;
         let (x, cos, sin) = (s[0], s[1], s[2]);
-        rope_row(
+        row_fn(
             dst,
             &x[r * d..(r + 1) * d],
             &cos[p * half..(p + 1) * half],
             &sin[p * half..(p + 1) * half],
         )
+    })
+}
+
+#[inline(always)]
+fn layer_norm_row_generic(out: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let n = x.len() as f32;
+    let mean = lane_sum(x) / n;
+    let var = lane_sum_of(x, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = (v - mean) * inv * w + b;
+    }
+}
+
+/// LayerNorm of each row of `x` (rows, d): centred, scaled to unit variance, times `weight`
+/// plus `bias` (both (d)).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    fill_rows(&[x, weight, bias], (rows, d), d, |r, s, dst| {
+        layer_norm_row(dst, &s[0][r * d..(r + 1) * d], s[1], s[2], eps)
     })
 }
 
@@ -404,17 +451,48 @@ mod tests {
     }
 
     #[test]
-    fn rope_matches_candle() {
+    fn rope_matches_candle_in_both_layouts_and_partially() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (3, 5, 8), &dev).unwrap();
         let angles = Tensor::randn(0f32, 3.0, (5, 4), &dev).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let got = rope_interleaved(&x, &cos, &sin).unwrap();
-        let want = candle_nn::rotary_emb::rope_i(&x.unsqueeze(0).unwrap(), &cos, &sin)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+        let x4 = x.unsqueeze(0).unwrap();
+        for (layout, want) in [
+            (
+                PairLayout::Interleaved,
+                candle_nn::rotary_emb::rope_i(&x4, &cos, &sin),
+            ),
+            (
+                PairLayout::HalfSplit,
+                candle_nn::rotary_emb::rope(&x4, &cos, &sin),
+            ),
+        ] {
+            let got = rope(&x, &cos, &sin, layout).unwrap();
+            assert!(max_abs_diff(&got, &want.unwrap().squeeze(0).unwrap()) < 1e-6);
+        }
+        // Partial: the first 4 channels rotate (half-split within them), the last 4 are copied.
+        let (cos2, sin2) = (cos.narrow(1, 0, 2).unwrap(), sin.narrow(1, 0, 2).unwrap());
+        let got = rope(&x, &cos2, &sin2, PairLayout::HalfSplit).unwrap();
+        let rotated = candle_nn::rotary_emb::rope(
+            &x4.narrow(3, 0, 4).unwrap().contiguous().unwrap(),
+            &cos2.contiguous().unwrap(),
+            &sin2.contiguous().unwrap(),
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+        let want = Tensor::cat(&[rotated, x.narrow(2, 4, 4).unwrap()], 2).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0.5f32, 2.0, (6, 43), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.5, 43, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, 43, &dev).unwrap();
+        let want = candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_abs_diff(&layer_norm(&x, &w, &b, 1e-5).unwrap(), &want) < 1e-5);
     }
 
     #[test]

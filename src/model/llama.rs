@@ -1,16 +1,21 @@
-//! Llama-architecture decoder whose attention takes an explicit plan: which cached keys each
-//! query sees ([`AttnPlan::mask`]) and at which positions ([`AttnPlan::k_pos`]), so every cache
-//! strategy, and the block-parallel engine after it, runs on the same model code.
+//! The Llama family: Llama 2 and 3.x, Mistral (a layer sliding window) and Qwen2 (QKV bias) as
+//! config variants, from a GGUF file (tensor names `blk.N.attn_q.weight`, Q and K rows in
+//! interleaved-RoPE order) or a Hugging Face checkpoint (`model.layers.N.self_attn.q_proj.weight`,
+//! half-split order).
 //!
-//! Weights use the GGUF tensor names (`token_embd.weight`, `blk.N.attn_q.weight`, ...), with
-//! Q and K rows in GGUF's interleaved-RoPE order.
+//! ```text
+//! x += o(attn(rope(q), rope(k), v) of rms_norm(x));  x += down(silu(gate(h)) * up(h)), h = rms_norm(x)
+//! ```
 
-use candle_core::{D, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::Result;
+use candle_nn::VarBuilder;
+use serde::Deserialize;
 
-use super::kernels;
-use super::kv_cache::KvCache;
-use super::rope::Rope;
+use super::attention::{Attention, PositionScheme};
+use super::decoder::{Architecture, Block, Dims, Mlp, Model, Residual, scaled, stacked};
+use super::hf::{RopeConfig, unsupported};
+use super::rope::{PairLayout, Rope, RopeScaling};
+use super::weights::{linear, rms_norm};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -20,12 +25,22 @@ pub struct Config {
     pub n_layer: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
+    /// Set by checkpoints whose heads are not hidden_size / n_head wide.
+    pub explicit_head_dim: Option<usize>,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f64,
     /// The context length the model was trained with (going past it is an experiment, not an error).
     pub context_length: usize,
-    /// The LM head is the token embedding (no `output.weight`).
+    /// The LM head is the token embedding (no `output.weight` / `lm_head.weight`).
     pub tied_embeddings: bool,
+    /// Q, K, V projections with a bias (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Output projection with a bias (Llama's `attention_bias`).
+    pub out_bias: bool,
+    /// The sliding window of each layer (`None`: full attention), Mistral's `sliding_window`;
+    /// empty when no layer has one.
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 /// A config field that no working model can have: `field` (a [`Config`] field name, or
@@ -38,9 +53,17 @@ pub struct InvalidConfig {
     pub why: String,
 }
 
+/// Whose tensor names and RoPE pair order the weights use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    Gguf,
+    HuggingFace,
+}
+
 impl Config {
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.n_head
+        self.explicit_head_dim
+            .unwrap_or(self.hidden_size / self.n_head.max(1))
     }
 
     /// Checks every field that the model divides by or sizes tensors with, so a bad file is
@@ -77,7 +100,7 @@ impl Config {
                 "token ids are 32-bit: at most 2^32 tokens".into(),
             );
         }
-        if !self.hidden_size.is_multiple_of(self.n_head) {
+        if self.explicit_head_dim.is_none() && !self.hidden_size.is_multiple_of(self.n_head) {
             return invalid(
                 "hidden_size",
                 &self.hidden_size,
@@ -94,7 +117,7 @@ impl Config {
                 ),
             );
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return invalid(
                 "head_dim",
                 &self.head_dim(),
@@ -105,6 +128,14 @@ impl Config {
             if !(value.is_finite() && value > 0.0) {
                 return invalid(field, &value, "must be positive and finite".into());
             }
+        }
+        let windows = self.layer_windows.len();
+        if (windows != 0 && windows != self.n_layer) || self.layer_windows.contains(&Some(0)) {
+            return invalid(
+                "sliding_window",
+                &format!("{:?}", self.layer_windows),
+                "one window of at least 1 token per layer".into(),
+            );
         }
         Ok(())
     }
@@ -118,359 +149,234 @@ impl Config {
             n_layer: 2,
             n_head: 4,
             n_kv_head: 2,
+            explicit_head_dim: None,
             rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
             rms_eps: 1e-5,
             context_length: 64,
             tied_embeddings: true,
+            qkv_bias: false,
+            out_bias: false,
+            layer_windows: Vec::new(),
+        }
+    }
+
+    fn dims(&self) -> Dims {
+        Dims {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim(),
+            context_length: self.context_length,
         }
     }
 }
 
-/// What the fed tokens of one forward pass attend to.
-///
-/// The T new tokens are written into cache slots `write_at..write_at + T`; attention then runs
-/// over slots `0..k_pos.len()`, each key rotated to `k_pos[slot]`, each query to `q_pos[i]`.
-#[derive(Debug, Clone)]
-pub struct AttnPlan {
-    pub q_pos: Vec<u64>,
-    pub write_at: usize,
-    pub k_pos: Vec<u64>,
-    /// Additive mask (T, k_pos.len()): 0 where visible, -inf where not. `None`: all visible.
-    pub mask: Option<Tensor>,
-    /// Keys in slots `0..n_keys` scored with queries at other positions (the sinks, at a
-    /// constant distance once eviction starts; spec section 3). `None`: one rotation for all.
-    pub sinks: Option<SinkRotation>,
+/// Tensor names of one weight source.
+struct Names {
+    embed: &'static str,
+    final_norm: &'static str,
+    lm_head: &'static str,
+    layer: fn(usize) -> String,
+    /// attn_norm, q, k, v, out, mlp_norm, gate, up, down (relative to the layer prefix).
+    parts: [&'static str; 9],
 }
 
-/// A second query rotation for the first `n_keys` key slots.
-#[derive(Debug, Clone)]
-pub struct SinkRotation {
-    pub n_keys: usize,
-    /// Position of each query when it scores the sink keys.
-    pub q_pos: Vec<u64>,
-}
-
-/// Rotary tables (cos, sin), each (rows, head_dim / 2), of one forward pass.
-struct Ropes {
-    q: (Tensor, Tensor),
-    k: (Tensor, Tensor),
-    /// The sink key count and the queries' tables for scoring them (see [`SinkRotation`]).
-    sink_q: Option<(usize, (Tensor, Tensor))>,
-}
-
-impl AttnPlan {
-    /// A causal mask over `t` fresh tokens in slots `0..t`.
-    pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Tensor::from_vec(m, (t, t), device)
-    }
-}
-
-#[derive(Debug)]
-struct Block {
-    attn_norm: Tensor,
-    /// Q, K and V projections in one matrix: one matmul instead of three. The Q rows are
-    /// pre-multiplied by the softmax scale 1/sqrt(head_dim).
-    wqkv: Linear,
-    wo: Linear,
-    ffn_norm: Tensor,
-    /// Gate and up projections in one matrix.
-    w_gate_up: Linear,
-    w_down: Linear,
-}
-
-#[derive(Debug)]
-pub struct Llama {
-    cfg: Config,
-    embed: Embedding,
-    blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: Linear,
-    rope: Rope,
-    device: Device,
-}
-
-/// One linear layer computing the given ones side by side (their outputs concatenated).
-fn stacked(parts: &[Linear]) -> Result<Linear> {
-    let weights: Vec<Tensor> = parts.iter().map(|l| l.weight().clone()).collect();
-    Ok(Linear::new(Tensor::cat(&weights, 0)?, None))
-}
-
-fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        vb.get((out_dim, in_dim), &format!("{name}.weight"))?,
-        None,
-    ))
-}
-
-impl Llama {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        cfg.validate()
-            .map_err(|e| candle_core::Error::Msg(format!("invalid model config: {e}")))?;
-        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
-        let embed_w = vb.get((cfg.vocab_size, d), "token_embd.weight")?;
-        let lm_head = if cfg.tied_embeddings {
-            Linear::new(embed_w.clone(), None)
-        } else {
-            linear(&vb, "output", cfg.vocab_size, d)?
-        };
-        let blocks = (0..cfg.n_layer)
-            .map(|i| {
-                let p = format!("blk.{i}");
-                Ok(Block {
-                    attn_norm: vb.get(d, &format!("{p}.attn_norm.weight"))?,
-                    wqkv: stacked(&[
-                        Linear::new(
-                            (linear(&vb, &format!("{p}.attn_q"), cfg.n_head * hd, d)?.weight()
-                                * (1.0 / (hd as f64).sqrt()))?,
-                            None,
-                        ),
-                        linear(&vb, &format!("{p}.attn_k"), cfg.n_kv_head * hd, d)?,
-                        linear(&vb, &format!("{p}.attn_v"), cfg.n_kv_head * hd, d)?,
-                    ])?,
-                    wo: linear(&vb, &format!("{p}.attn_output"), d, cfg.n_head * hd)?,
-                    ffn_norm: vb.get(d, &format!("{p}.ffn_norm.weight"))?,
-                    w_gate_up: stacked(&[
-                        linear(&vb, &format!("{p}.ffn_gate"), cfg.intermediate_size, d)?,
-                        linear(&vb, &format!("{p}.ffn_up"), cfg.intermediate_size, d)?,
-                    ])?,
-                    w_down: linear(&vb, &format!("{p}.ffn_down"), d, cfg.intermediate_size)?,
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(Llama {
-            cfg: cfg.clone(),
-            embed: Embedding::new(embed_w, d),
-            blocks,
-            norm: vb.get(d, "output_norm.weight")?,
-            lm_head,
-            rope: Rope::new(hd, cfg.rope_theta),
-            device: vb.device().clone(),
-        })
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// A KV cache shaped for this model.
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        KvCache::new(
-            self.cfg.n_layer,
-            self.cfg.n_kv_head,
-            self.cfg.head_dim(),
-            capacity,
-            &self.device,
-        )
-    }
-
-    /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
-    /// Returns the final-normed hidden states (T, hidden).
-    pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
-        let ropes = Ropes {
-            q: self.rope.cos_sin(&plan.q_pos, &self.device)?,
-            k: self.rope.cos_sin(&plan.k_pos, &self.device)?,
-            sink_q: match &plan.sinks {
-                Some(s) => Some((s.n_keys, self.rope.cos_sin(&s.q_pos, &self.device)?)),
-                None => None,
-            },
-        };
-        self.decoder(tokens, |layer, b, h| {
-            let (q, k_new, v_new) = self.project_qkv(b, h)?;
-            cache.write(layer, plan.write_at, &k_new, &v_new)?;
-            let (k, v) = cache.read(layer, plan.k_pos.len())?; // (nkv, n_keys, hd), pre-RoPE
-            b.wo.forward(&self.attend(&q, &k, &v, &ropes, plan.mask.as_ref())?)
-        })
-    }
-
-    /// Runs independent windows of one length L as one batch, each from scratch at positions
-    /// 0..L with a causal mask (exact `recompute:W`): the projections and the MLP see all the
-    /// windows' rows at once, attention stays within each window. Row `w * L + i` of the
-    /// result is the final-normed hidden state of token i of window w.
-    pub fn forward_windows(&self, windows: &[&[u32]]) -> Result<Tensor> {
-        let l = windows.first().map_or(0, |w| w.len());
-        if l == 0 || windows.iter().any(|w| w.len() != l) {
-            candle_core::bail!("forward_windows takes non-empty windows of one length")
-        }
-        let positions: Vec<u64> = (0..l as u64).collect();
-        let rope = self.rope.cos_sin(&positions, &self.device)?;
-        let ropes = Ropes {
-            q: rope.clone(),
-            k: rope,
-            sink_q: None,
-        };
-        let mask = AttnPlan::causal_mask(l, &self.device)?; // (L, L), shared by every window
-        self.decoder(&windows.concat(), |_, b, h| {
-            let (q, k, v) = self.project_qkv(b, h)?; // (heads, windows * L, hd)
-            let window = |x: &Tensor, w: usize| x.narrow(1, w * l, l);
-            let outs = (0..windows.len())
-                .map(|w| {
-                    let (k, v) = (window(&k, w)?, window(&v, w)?.contiguous()?);
-                    self.attend(&window(&q, w)?, &k, &v, &ropes, Some(&mask))
-                })
-                .collect::<Result<Vec<_>>>()?; // each (L, nh * hd)
-            b.wo.forward(&Tensor::cat(&outs, 0)?)
-        })
-    }
-
-    /// The decoder stack over `tokens`, with `attention(layer, block, normed x)` giving each
-    /// layer's attention output (T, hidden). Returns the final-normed hidden states (T, hidden).
-    fn decoder(
-        &self,
-        tokens: &[u32],
-        mut attention: impl FnMut(usize, &Block, &Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.forward(&ids)?; // (T, d)
-        for (layer, b) in self.blocks.iter().enumerate() {
-            let h = self.rms_norm(&x, &b.attn_norm)?;
-            x = (x + attention(layer, b, &h)?)?;
-            let h = self.rms_norm(&x, &b.ffn_norm)?;
-            let f = self.cfg.intermediate_size;
-            let gate_up = b.w_gate_up.forward(&h)?; // (T, 2 * ffn)
-            let act = if self.device.is_cpu() {
-                kernels::silu_mul(&gate_up)?
-            } else {
-                (candle_nn::ops::silu(&gate_up.narrow(1, 0, f)?)? * gate_up.narrow(1, f, f)?)?
-            }; // (T, ffn)
-            x = (x + b.w_down.forward(&act)?)?;
-        }
-        self.rms_norm(&x, &self.norm)
-    }
-
-    /// Queries (nh, T, hd), scaled by the weights, and new keys and values (nkv, T, hd),
-    /// all before RoPE, of the normed hidden states `h` (T, hidden).
-    fn project_qkv(&self, b: &Block, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (t, _) = h.dims2()?;
-        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim());
-        // (T, heads*hd) -> (heads, T, hd)
-        let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
-        let qkv = b.wqkv.forward(h)?; // (T, (nh + 2 nkv) * hd)
-        Ok((
-            heads(qkv.narrow(1, 0, nh * hd)?, nh)?,
-            heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?,
-            heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?,
-        ))
-    }
-
-    /// Attention of queries `q` (nh, T, hd) over keys `k` and values `v` (nkv, n_keys, hd),
-    /// all pre-RoPE, rotated by `ropes`, under the additive `mask` (T, n_keys).
-    /// Returns (T, nh * hd), before the output projection.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        ropes: &Ropes,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (nh, t, hd) = q.dims3()?;
-        let n_keys = k.dim(1)?;
-        let k = self.rope(k, (&ropes.k.0, &ropes.k.1))?;
-        let q_main = self.rope(q, (&ropes.q.0, &ropes.q.1))?; // (nh, T, hd)
-        let q_sink = match &ropes.sink_q {
-            Some((n_sink, (cos, sin))) if *n_sink > 0 => Some((*n_sink, self.rope(q, (cos, sin))?)),
-            _ => None,
-        };
-        // Query tiles keep the (heads, tile, keys) scores near SCORE_BUDGET floats.
-        const SCORE_BUDGET: usize = 4 << 20;
-        let tile = (SCORE_BUDGET / (nh * n_keys.max(1))).clamp(1, t.max(1));
-        let mut outs = Vec::with_capacity(t.div_ceil(tile));
-        for start in (0..t).step_by(tile) {
-            let tq = tile.min(t - start);
-            let mask = mask.map(|m| m.narrow(0, start, tq)).transpose()?;
-            let q_main = q_main.narrow(1, start, tq)?;
-            let parts = match &q_sink {
-                // Sinks are scored by the queries rotated to their sink positions, recent keys by
-                // the queries at their own positions; both go into ONE softmax.
-                Some((n_sink, q_sink)) => vec![
-                    self.scores(&q_sink.narrow(1, start, tq)?, &k.narrow(1, 0, *n_sink)?)?,
-                    self.scores(&q_main, &k.narrow(1, *n_sink, n_keys - n_sink)?)?,
+impl Naming {
+    fn names(self) -> Names {
+        match self {
+            Naming::Gguf => Names {
+                embed: "token_embd.weight",
+                final_norm: "output_norm",
+                lm_head: "output.weight",
+                layer: |i| format!("blk.{i}"),
+                parts: [
+                    "attn_norm",
+                    "attn_q",
+                    "attn_k",
+                    "attn_v",
+                    "attn_output",
+                    "ffn_norm",
+                    "ffn_gate",
+                    "ffn_up",
+                    "ffn_down",
                 ],
-                None => vec![self.scores(&q_main, &k)?],
-            }; // each (nh, tq, keys of the part)
-            let probs = self.masked_softmax(&parts, mask.as_ref())?; // (nh, tq, n_keys)
-            outs.push(self.grouped(&probs, |p| p.matmul(v))?); // (nh, tq, hd)
+            },
+            Naming::HuggingFace => Names {
+                embed: "model.embed_tokens.weight",
+                final_norm: "model.norm",
+                lm_head: "lm_head.weight",
+                layer: |i| format!("model.layers.{i}"),
+                parts: [
+                    "input_layernorm",
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "post_attention_layernorm",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                ],
+            },
         }
-        match outs.len() {
-            1 => outs.swap_remove(0),
-            _ => Tensor::cat(&outs, 1)?,
-        }
-        .transpose(0, 1)?
-        .reshape((t, nh * hd))
     }
 
-    /// `x` (heads, rows, hd) rotated by the tables (rows, hd / 2) (GGUF's interleaved pairs).
-    fn rope(&self, x: &Tensor, (cos, sin): (&Tensor, &Tensor)) -> Result<Tensor> {
-        if self.device.is_cpu() {
-            return kernels::rope_interleaved(x, cos, sin);
+    fn layout(self) -> PairLayout {
+        match self {
+            Naming::Gguf => PairLayout::Interleaved,
+            Naming::HuggingFace => PairLayout::HalfSplit,
         }
-        candle_nn::rotary_emb::rope_i(&x.unsqueeze(0)?, cos, sin)?.squeeze(0)
     }
+}
 
-    /// RMS norm of the rows of `x` (T, hidden), times `weight`.
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let eps = self.cfg.rms_eps as f32;
-        if self.device.is_cpu() {
-            return kernels::rms_norm(x, weight, eps);
-        }
-        candle_nn::ops::rms_norm(x, weight, eps)
-    }
+/// Builds a Llama-family model of `cfg` from the tensors `vb` holds under `naming`'s names.
+pub fn load(cfg: &Config, vb: VarBuilder, naming: Naming, model_type: &str) -> Result<Model> {
+    cfg.validate()
+        .map_err(|e| candle_core::Error::Msg(format!("invalid model config: {e}")))?;
+    let names = naming.names();
+    let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (nh, nkv) = (cfg.n_head, cfg.n_kv_head);
+    let embed = vb.get((cfg.vocab_size, d), names.embed)?;
+    let lm_head = match cfg.tied_embeddings {
+        true => None,
+        false => Some(vb.get((cfg.vocab_size, d), names.lm_head)?),
+    };
+    let [attn_norm, q, k, v, out, mlp_norm, gate, up, down] = names.parts;
+    let blocks = (0..cfg.n_layer)
+        .map(|i| {
+            let p = |part: &str| format!("{}.{part}", (names.layer)(i));
+            let lin = |part, o, i, bias| linear(&vb, &p(part), o, i, bias);
+            Ok(Block {
+                attn_norm: rms_norm(&vb, &p(attn_norm), d, cfg.rms_eps)?,
+                qkv: stacked(&[
+                    scaled(&lin(q, nh * hd, d, cfg.qkv_bias)?, 1.0 / (hd as f64).sqrt())?,
+                    lin(k, nkv * hd, d, cfg.qkv_bias)?,
+                    lin(v, nkv * hd, d, cfg.qkv_bias)?,
+                ])?,
+                out: lin(out, d, nh * hd, cfg.out_bias)?,
+                mlp: Mlp::GatedSilu {
+                    gate_up: stacked(&[lin(gate, f, d, false)?, lin(up, f, d, false)?])?,
+                    down: lin(down, d, f, false)?,
+                },
+                residual: Residual::Sequential {
+                    mlp_norm: rms_norm(&vb, &p(mlp_norm), d, cfg.rms_eps)?,
+                },
+                window: cfg.layer_windows.get(i).copied().flatten(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let rope = Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling, naming.layout());
+    let arch = Architecture {
+        family: "llama".into(),
+        model_type: model_type.into(),
+        positions: describe_rope(&rope, cfg.rope_theta, &cfg.rope_scaling),
+    };
+    let attention = Attention {
+        n_head: nh,
+        n_kv_head: nkv,
+        head_dim: hd,
+        positions: PositionScheme::Rope(rope),
+    };
+    let final_norm = rms_norm(&vb, names.final_norm, d, cfg.rms_eps)?;
+    Model::new(
+        cfg.dims(),
+        arch,
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+        attention,
+    )
+}
 
-    /// Softmax over [parts side by side] + mask.
-    fn masked_softmax(&self, parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor> {
-        if self.device.is_cpu() {
-            return kernels::masked_softmax(parts, mask);
-        }
-        let scores = Tensor::cat(parts, D::Minus1)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        candle_nn::ops::softmax_last_dim(&scores)
-    }
+/// `rope half-split, theta 10000, llama3 scaling x8` and the like, for records.
+pub fn describe_rope(rope: &Rope, theta: f64, scaling: &RopeScaling) -> String {
+    let layout = match rope.layout {
+        PairLayout::Interleaved => "interleaved",
+        PairLayout::HalfSplit => "half-split",
+    };
+    let scaling = match scaling {
+        RopeScaling::None => String::new(),
+        RopeScaling::Linear { factor } => format!(", linear scaling x{factor}"),
+        RopeScaling::Llama3 { factor, .. } => format!(", llama3 scaling x{factor}"),
+    };
+    format!(
+        "rope {layout}, {} of each head's channels, theta {theta}{scaling}",
+        rope.rotary_dim
+    )
+}
 
-    /// Scores (nh, tq, n) of rotated, pre-scaled queries (nh, tq, hd) against rotated keys (nkv, n, hd).
-    fn scores(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        self.grouped(q, |q| q.matmul(&k.t()?))
-    }
+/// `config.json` of `llama`, `mistral` and `qwen2` checkpoints (the fields streamppl reads).
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(flatten)]
+    rope: RopeConfig,
+    rms_norm_eps: f64,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+}
 
-    /// Applies `f` to (nkv, group*rows, cols) views of a (nh, rows, cols) tensor: query heads
-    /// j*group..(j+1)*group share KV head j, so they become one matmul per KV head.
-    fn grouped(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let (nh, rows, cols) = x.dims3()?;
-        let nkv = self.cfg.n_kv_head;
-        let y = f(&x.contiguous()?.reshape((nkv, nh / nkv * rows, cols))?)?;
-        let last = y.dim(D::Minus1)?;
-        y.reshape((nh, rows, last))
+/// A Llama-family model from a Hugging Face checkpoint's `config.json` text and tensors.
+pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
+    let hf: HfConfig = serde_json::from_str(config_json)?;
+    if hf.mlp_bias {
+        return Err(unsupported("mlp_bias", "true", "Llama MLPs without biases"));
     }
-
-    /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
-    /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
-    pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
-        // The logits of a 128-row tile are 25 MB for a 49152-token vocabulary; 128 rows keep the
-        // LM-head matmul efficient (64-row tiles took 20% longer on a 2-core AMD EPYC).
-        const TILE: usize = 128;
-        let mut out = Vec::with_capacity(targets.len());
-        for start in (0..targets.len()).step_by(TILE) {
-            let n = TILE.min(targets.len() - start);
-            let logits = self.lm_head.forward(&hidden.narrow(0, start, n)?)?; // (n, vocab)
-            let targets = &targets[start..start + n];
-            if self.device.is_cpu() {
-                out.extend(kernels::nll_from_logits(&logits, targets)?);
-                continue;
-            }
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let idx = Tensor::new(targets, &self.device)?.unsqueeze(1)?;
-            let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-            out.extend(picked.into_iter().map(|lp| -lp));
-        }
-        Ok(out)
+    let qwen2 = hf.model_type == "qwen2";
+    let n = hf.num_hidden_layers;
+    let layer_windows = (0..n)
+        .map(|i| {
+            let sliding = match (&hf.layer_types, hf.model_type.as_str()) {
+                (Some(types), _) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+                (None, "mistral") => true,
+                (None, "qwen2") => {
+                    hf.use_sliding_window == Some(true) && i >= hf.max_window_layers.unwrap_or(0)
+                }
+                _ => false,
+            };
+            sliding.then_some(hf.sliding_window).flatten()
+        })
+        .collect();
+    let cfg = Config {
+        vocab_size: hf.vocab_size,
+        hidden_size: hf.hidden_size,
+        intermediate_size: hf.intermediate_size,
+        n_layer: n,
+        n_head: hf.num_attention_heads,
+        n_kv_head: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        explicit_head_dim: hf.head_dim,
+        rope_theta: hf.rope.theta(),
+        rope_scaling: hf.rope.scaling()?,
+        rms_eps: hf.rms_norm_eps,
+        context_length: hf.max_position_embeddings,
+        // Llama's and Mistral's default is untied; Qwen2's too unless the config says so.
+        tied_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        qkv_bias: qwen2 || hf.attention_bias,
+        out_bias: hf.attention_bias,
+        layer_windows,
+    };
+    if let Err(e) = cfg.validate() {
+        anyhow::bail!("invalid model config: {e}");
     }
+    Ok(load(&cfg, vb, Naming::HuggingFace, &hf.model_type)?)
 }

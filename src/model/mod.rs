@@ -1,11 +1,25 @@
 //! Model code: knows tensors, not files of corpora or the command line.
+//!
+//! Every family (one file each: [`llama`], [`neox`], [`falcon`], [`mpt`]) builds the same
+//! [`Model`] of [`decoder`] parts over the shared [`attention`] core; the engines see only
+//! [`Model`]. [`hf`] picks the family of a Hugging Face checkpoint, [`gguf`] reads GGUF files.
 
+pub mod attention;
+pub mod decoder;
+pub mod falcon;
 pub mod gguf;
+pub mod hf;
 pub mod kernels;
 pub mod kv_cache;
 pub mod llama;
+pub mod mpt;
+pub mod neox;
+pub mod ops;
 pub mod random;
 pub mod rope;
+pub mod weights;
 
+pub use attention::{AttnPlan, SinkRotation};
+pub use decoder::{Dims, Model};
 pub use kv_cache::KvCache;
-pub use llama::{AttnPlan, Config, Llama, SinkRotation};
+pub use llama::Config;

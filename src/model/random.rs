@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::llama::{Config, Llama};
+use super::decoder::Model;
+use super::llama::{self, Config, Naming};
 
 /// `n` pseudo-random token ids below `vocab` (a fixed LCG, so tests are reproducible).
 pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -94,10 +95,11 @@ pub fn random_weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f
 }
 
 /// A model of shape `cfg` with [`random_weights`].
-pub fn random_llama(cfg: &Config, seed: u64, device: &Device) -> Result<Llama> {
+pub fn random_llama(cfg: &Config, seed: u64, device: &Device) -> Result<Model> {
     let tensors = random_weights(cfg, seed)
         .into_iter()
         .map(|(name, shape, data)| Ok((name, Tensor::from_vec(data, shape, device)?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    Llama::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    llama::load(cfg, vb, Naming::Gguf, "llama")
 }

@@ -1,0 +1,345 @@
+//! The decoder every family is built into: embeddings, blocks of attention and MLP with the
+//! family's norms and residual order, a final norm and the LM head. A family file (`llama.rs`,
+//! `neox.rs`, ...) reads its config and weights, in its own names and layouts, into these parts;
+//! the engines see only [`Model`].
+
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear};
+
+use super::attention::{Attention, AttnPlan};
+use super::kv_cache::KvCache;
+use super::ops;
+
+/// The shapes engines, caches and records need, whatever the family.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Dims {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    /// The context length the model was trained with (going past it is an experiment).
+    pub context_length: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms {
+        weight: Tensor,
+        eps: f32,
+    },
+    /// LayerNorm; a checkpoint without a bias gets zeros.
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f32,
+    },
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms { weight, eps } => ops::rms_norm(x, weight, *eps),
+            Norm::Layer { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Mlp {
+    /// `down(silu(gate(x)) * up(x))` (Llama), gate and up in one matrix.
+    GatedSilu { gate_up: Linear, down: Linear },
+    /// `down(gelu(up(x)))`, the exact (erf) GELU (GPT-NeoX, Falcon, MPT) or, with `tanh`,
+    /// its tanh approximation (`gelu_new`).
+    Gelu {
+        up: Linear,
+        down: Linear,
+        tanh: bool,
+    },
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::GatedSilu { gate_up, down } => down.forward(&ops::silu_mul(&gate_up.forward(x)?)?),
+            Mlp::Gelu { up, down, tanh } => {
+                let h = up.forward(x)?;
+                down.forward(&if *tanh { h.gelu()? } else { h.gelu_erf()? })
+            }
+        }
+    }
+}
+
+/// Where a block's MLP reads from and adds to.
+#[derive(Debug, Clone)]
+pub enum Residual {
+    /// `x += attn(norm1(x)); x += mlp(norm2(x))` (Llama, MPT).
+    Sequential { mlp_norm: Norm },
+    /// `x += attn(norm1(x)) + mlp(norm2(x))`, both from the block's input (GPT-NeoX, Falcon 40B).
+    Parallel { mlp_norm: Norm },
+    /// `h = norm1(x); x += attn(h) + mlp(h)` (Falcon 7B).
+    ParallelSharedNorm,
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: Norm,
+    /// Q, K and V projections in one matrix, rows in that order, heads contiguous; the Q rows
+    /// (and bias) pre-multiplied by the softmax scale.
+    pub qkv: Linear,
+    pub out: Linear,
+    pub mlp: Mlp,
+    pub residual: Residual,
+    /// The layer's own sliding window (Mistral): keys `window` or more tokens back are hidden.
+    pub window: Option<usize>,
+}
+
+/// A family's description, for records and `streamppl info`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Architecture {
+    /// `llama`, `gpt_neox`, `falcon`, `mpt` (the family file).
+    pub family: String,
+    /// What the checkpoint calls itself (`model_type`, or GGUF's `general.architecture`).
+    pub model_type: String,
+    /// The position scheme in words, e.g. `rope half-split, theta 10000, llama3 scaling x8`.
+    pub positions: String,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub dims: Dims,
+    pub arch: Architecture,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    lm_head: Linear,
+    attention: Attention,
+    device: Device,
+}
+
+/// One linear layer computing the given ones side by side (outputs concatenated).
+pub fn stacked(parts: &[Linear]) -> Result<Linear> {
+    let weights: Vec<Tensor> = parts.iter().map(|l| l.weight().clone()).collect();
+    let biases: Vec<Tensor> = parts.iter().filter_map(|l| l.bias().cloned()).collect();
+    let bias = match biases.len() {
+        0 => None,
+        n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+        _ => candle_core::bail!("stacked layers must all have a bias or none"),
+    };
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+}
+
+/// `linear` with its output rows (and bias) multiplied by `scale`.
+pub fn scaled(linear: &Linear, scale: f64) -> Result<Linear> {
+    Ok(Linear::new(
+        (linear.weight() * scale)?,
+        linear.bias().map(|b| b * scale).transpose()?,
+    ))
+}
+
+impl Model {
+    /// Assembles a model; `lm_head` `None` ties the head to the embeddings.
+    pub fn new(
+        dims: Dims,
+        arch: Architecture,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        final_norm: Norm,
+        lm_head: Option<Tensor>,
+        attention: Attention,
+    ) -> Result<Self> {
+        let device = embed.device().clone();
+        let lm_head = Linear::new(lm_head.unwrap_or_else(|| embed.clone()), None);
+        Ok(Model {
+            embed: Embedding::new(embed, dims.hidden_size),
+            dims,
+            arch,
+            blocks,
+            final_norm,
+            lm_head,
+            attention,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of parameters, counting tied and fused matrices once.
+    pub fn parameter_count(&self) -> usize {
+        let lin = |l: &Linear| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
+        let norm = |n: &Norm| match n {
+            Norm::Rms { weight, .. } => weight.elem_count(),
+            Norm::Layer { weight, bias, .. } => weight.elem_count() + bias.elem_count(),
+        };
+        let tied = self.lm_head.weight().id() == self.embed.embeddings().id();
+        let mut n = self.embed.embeddings().elem_count() + norm(&self.final_norm);
+        if !tied {
+            n += lin(&self.lm_head);
+        }
+        for b in &self.blocks {
+            n += norm(&b.attn_norm) + lin(&b.qkv) + lin(&b.out);
+            n += match &b.mlp {
+                Mlp::GatedSilu { gate_up, down } => lin(gate_up) + lin(down),
+                Mlp::Gelu { up, down, .. } => lin(up) + lin(down),
+            };
+            n += match &b.residual {
+                Residual::Sequential { mlp_norm } | Residual::Parallel { mlp_norm } => {
+                    norm(mlp_norm)
+                }
+                Residual::ParallelSharedNorm => 0,
+            };
+        }
+        n
+    }
+
+    /// A KV cache shaped for this model.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let d = &self.dims;
+        KvCache::new(d.n_layer, d.n_kv_head, d.head_dim, capacity, &self.device)
+    }
+
+    /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
+    /// Returns the final-normed hidden states (T, hidden).
+    pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
+        let at =
+            self.attention
+                .place(&plan.q_pos, &plan.k_pos, plan.sinks.as_ref(), &self.device)?;
+        let masks = LayerMasks::new(plan, &self.blocks, &self.device)?;
+        self.decoder(tokens, |layer, b, h| {
+            let (q, k_new, v_new) = self.project_qkv(b, h)?;
+            cache.write(layer, plan.write_at, &k_new, &v_new)?;
+            let (k, v) = cache.read(layer, plan.k_pos.len())?; // (nkv, n_keys, hd), pre-position
+            let mask = masks.for_layer(b, plan.mask.as_ref());
+            b.out
+                .forward(&self.attention.attend(&q, &k, &v, &at, mask)?)
+        })
+    }
+
+    /// Runs independent windows of one length L as one batch, each from scratch at positions
+    /// 0..L with a causal mask (exact `recompute:W`): the projections and the MLP see all the
+    /// windows' rows at once, attention stays within each window. Row `w * L + i` of the
+    /// result is the final-normed hidden state of token i of window w.
+    pub fn forward_windows(&self, windows: &[&[u32]]) -> Result<Tensor> {
+        let l = windows.first().map_or(0, |w| w.len());
+        if l == 0 || windows.iter().any(|w| w.len() != l) {
+            candle_core::bail!("forward_windows takes non-empty windows of one length")
+        }
+        let positions: Vec<u64> = (0..l as u64).collect();
+        let plan = AttnPlan {
+            q_pos: positions.clone(),
+            write_at: 0,
+            k_pos: positions.clone(),
+            mask: Some(AttnPlan::causal_mask(l, &self.device)?), // shared by every window
+            sinks: None,
+            q_fed: positions.clone(),
+            k_fed: positions.clone(),
+        };
+        let at = self
+            .attention
+            .place(&positions, &positions, None, &self.device)?;
+        let masks = LayerMasks::new(&plan, &self.blocks, &self.device)?;
+        self.decoder(&windows.concat(), |_, b, h| {
+            let (q, k, v) = self.project_qkv(b, h)?; // (heads, windows * L, hd)
+            let window = |x: &Tensor, w: usize| x.narrow(1, w * l, l);
+            let mask = masks.for_layer(b, plan.mask.as_ref());
+            let outs = (0..windows.len())
+                .map(|w| {
+                    let (k, v) = (window(&k, w)?, window(&v, w)?.contiguous()?);
+                    self.attention.attend(&window(&q, w)?, &k, &v, &at, mask)
+                })
+                .collect::<Result<Vec<_>>>()?; // each (L, nh * hd)
+            b.out.forward(&Tensor::cat(&outs, 0)?)
+        })
+    }
+
+    /// The decoder stack over `tokens`, with `attention(layer, block, normed x)` giving each
+    /// layer's attention output (T, hidden). Returns the final-normed hidden states (T, hidden).
+    fn decoder(
+        &self,
+        tokens: &[u32],
+        mut attention: impl FnMut(usize, &Block, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.forward(&ids)?; // (T, d)
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = b.attn_norm.forward(&x)?;
+            let attn = attention(layer, b, &h)?;
+            x = match &b.residual {
+                Residual::Sequential { mlp_norm } => {
+                    let x = (x + attn)?;
+                    let m = b.mlp.forward(&mlp_norm.forward(&x)?)?;
+                    (x + m)?
+                }
+                Residual::Parallel { mlp_norm } => {
+                    let m = b.mlp.forward(&mlp_norm.forward(&x)?)?;
+                    ((x + attn)? + m)?
+                }
+                Residual::ParallelSharedNorm => ((x + attn)? + b.mlp.forward(&h)?)?,
+            };
+        }
+        self.final_norm.forward(&x)
+    }
+
+    /// Queries (nh, T, hd), pre-scaled, and new keys and values (nkv, T, hd), all before
+    /// positions, of the normed hidden states `h` (T, hidden).
+    fn project_qkv(&self, b: &Block, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (t, _) = h.dims2()?;
+        let d = &self.dims;
+        let (nh, nkv, hd) = (d.n_head, d.n_kv_head, d.head_dim);
+        // (T, heads*hd) -> (heads, T, hd)
+        let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
+        let qkv = b.qkv.forward(h)?; // (T, (nh + 2 nkv) * hd)
+        Ok((
+            heads(qkv.narrow(1, 0, nh * hd)?, nh)?,
+            heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?,
+            heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?,
+        ))
+    }
+
+    /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
+    /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
+    pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+        // The logits of a 128-row tile are 25 MB for a 49152-token vocabulary; 128 rows keep the
+        // LM-head matmul efficient (64-row tiles took 20% longer on a 2-core AMD EPYC).
+        const TILE: usize = 128;
+        let mut out = Vec::with_capacity(targets.len());
+        for start in (0..targets.len()).step_by(TILE) {
+            let n = TILE.min(targets.len() - start);
+            let logits = self.lm_head.forward(&hidden.narrow(0, start, n)?)?; // (n, vocab)
+            out.extend(ops::nll_from_logits(&logits, &targets[start..start + n])?);
+        }
+        Ok(out)
+    }
+}
+
+/// The masks of one forward pass: the plan's, and for each distinct layer window the plan's
+/// narrowed to it (built once, not per layer).
+struct LayerMasks {
+    windowed: Vec<(usize, Tensor)>,
+}
+
+impl LayerMasks {
+    fn new(plan: &AttnPlan, blocks: &[Block], device: &Device) -> Result<Self> {
+        let mut windowed: Vec<(usize, Tensor)> = Vec::new();
+        for w in blocks.iter().filter_map(|b| b.window) {
+            if !windowed.iter().any(|(have, _)| *have == w) {
+                windowed.push((w, plan.window_mask(w, device)?));
+            }
+        }
+        Ok(LayerMasks { windowed })
+    }
+
+    fn for_layer<'a>(&'a self, b: &Block, plan_mask: Option<&'a Tensor>) -> Option<&'a Tensor> {
+        match b.window {
+            Some(w) => self
+                .windowed
+                .iter()
+                .find(|(have, _)| *have == w)
+                .map(|(_, m)| m),
+            None => plan_mask,
+        }
+    }
+}

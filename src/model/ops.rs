@@ -1,0 +1,77 @@
+//! The element-wise operations of every family, one code path for every device: the CPU runs
+//! the kernels of [`super::kernels`] (one vectorized pass each), other devices candle's ops.
+
+use candle_core::{D, Result, Tensor};
+
+use super::kernels;
+use super::rope::PairLayout;
+
+/// RMS norm of the rows of `x` (T, d), times `weight` (d).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return kernels::rms_norm(x, weight, eps);
+    }
+    candle_nn::ops::rms_norm(x, weight, eps)
+}
+
+/// LayerNorm of the rows of `x` (T, d), times `weight` plus `bias` (d).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return kernels::layer_norm(x, weight, bias, eps);
+    }
+    candle_nn::ops::layer_norm(x, weight, bias, eps)
+}
+
+/// `silu(gate) * up` for `gate_up` (T, 2f) holding gate then up on each row; returns (T, f).
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    if gate_up.device().is_cpu() {
+        return kernels::silu_mul(gate_up);
+    }
+    let f = gate_up.dim(1)? / 2;
+    candle_nn::ops::silu(&gate_up.narrow(1, 0, f)?)? * gate_up.narrow(1, f, f)?
+}
+
+/// `x` (heads, rows, hd) with its first `2 * cos.dim(1)` channels rotated by the tables
+/// (rows, rotary_dim / 2) in `layout`; the other channels unchanged.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: PairLayout) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return kernels::rope(x, cos, sin, layout);
+    }
+    let (hd, rotary) = (x.dim(2)?, 2 * cos.dim(1)?);
+    let x4 = x.unsqueeze(0)?;
+    let head = x4.narrow(3, 0, rotary)?.contiguous()?;
+    let rotated = match layout {
+        PairLayout::Interleaved => candle_nn::rotary_emb::rope_i(&head, cos, sin)?,
+        PairLayout::HalfSplit => candle_nn::rotary_emb::rope(&head, cos, sin)?,
+    };
+    let rotated = match rotary < hd {
+        true => Tensor::cat(&[rotated, x4.narrow(3, rotary, hd - rotary)?], 3)?,
+        false => rotated,
+    };
+    rotated.squeeze(0)
+}
+
+/// Softmax over the last axis of `parts` (each (heads, rows, n_p)) side by side, plus the
+/// additive `mask` (rows, sum n_p): -inf where a key is not visible.
+pub fn masked_softmax(parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor> {
+    if parts[0].device().is_cpu() {
+        return kernels::masked_softmax(parts, mask);
+    }
+    let scores = Tensor::cat(parts, D::Minus1)?;
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
+        None => scores,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// NLL of `targets[i]` under row i of `logits` (rows, vocab), from the log-softmax in f32.
+pub fn nll_from_logits(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
+    if logits.device().is_cpu() {
+        return kernels::nll_from_logits(logits, targets);
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    Ok(picked.into_iter().map(|lp| -lp).collect())
+}

@@ -1,0 +1,180 @@
+//! Every family against its reference implementation: tiny checkpoints with random weights,
+//! written by Hugging Face `transformers` together with the per-token NLLs it computes
+//! (`scripts/make_hf_fixtures.py`, versions in `tests/fixtures/hf/README.md`). streamppl's
+//! dense NLLs must equal them; then, on the same checkpoints, every strategy's block engine
+//! must equal the token-by-token reference engine in every position scheme.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use indicatif::ProgressBar;
+use serde::Deserialize;
+use streamppl::engine::{EngineKind, run_strategy};
+use streamppl::model::Model;
+use streamppl::model::hf::load_hf;
+use streamppl::nll_log::NllLog;
+use streamppl::strategy::Strategy;
+use streamppl::stream::TokenStream;
+
+#[derive(Deserialize)]
+struct Reference {
+    model_type: String,
+    tokens: Vec<u32>,
+    nll: Vec<f32>,
+}
+
+fn fixtures_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
+}
+
+/// Every fixture folder (one per checkpoint), sorted by name.
+fn fixtures() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_root())
+        .expect("tests/fixtures/hf exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 8, "expected the 8 fixtures, found {dirs:?}");
+    dirs
+}
+
+/// The safetensors files of a checkpoint folder: the shards its index lists, or the one file.
+fn weights(dir: &Path) -> Vec<PathBuf> {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return vec![dir.join("model.safetensors")];
+    }
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
+    let mut shards: Vec<String> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    shards.into_iter().map(|s| dir.join(s)).collect()
+}
+
+fn load(dir: &Path) -> (Model, Reference) {
+    let model = load_hf(&dir.join("config.json"), &weights(dir), &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    (model, reference)
+}
+
+fn run(
+    model: &Model,
+    strategy: &str,
+    pos_shift: bool,
+    engine: EngineKind,
+    stream: &TokenStream,
+) -> NllLog {
+    let s: Strategy = strategy.parse().unwrap();
+    run_strategy(
+        model,
+        s,
+        pos_shift,
+        engine,
+        stream,
+        &ProgressBar::hidden(),
+        None,
+    )
+    .unwrap()
+}
+
+#[test]
+fn dense_nlls_equal_transformers_for_every_family() {
+    for dir in fixtures() {
+        let (model, reference) = load(&dir);
+        assert!(
+            reference.tokens.len() >= 257,
+            "{}: too short",
+            dir.display()
+        );
+        let stream = TokenStream::new(std::slice::from_ref(&reference.tokens), &[], None);
+        for engine in [EngineKind::Block(64), EngineKind::Token] {
+            let log = run(&model, "dense", true, engine, &stream);
+            assert_eq!(log.len(), reference.nll.len(), "{}", dir.display());
+            let max = log
+                .records
+                .iter()
+                .zip(&reference.nll)
+                .map(|(r, &want)| (r.nll - want).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{} ({}, {engine:?}): max |dNLL| {max:.2e} over {} tokens",
+                dir.file_name().unwrap().to_string_lossy(),
+                reference.model_type,
+                log.len()
+            );
+            assert!(max <= 1e-4, "{}: max |dNLL| {max}", dir.display());
+        }
+    }
+}
+
+#[test]
+fn block_engine_equals_token_engine_for_every_family_and_strategy() {
+    for dir in fixtures() {
+        let (model, reference) = load(&dir);
+        // Two books so the cache crosses a book boundary; the first 200 tokens keep it quick.
+        let (a, b) = reference.tokens[..200].split_at(90);
+        let books = [a.to_vec(), b.to_vec()];
+        for (strategy, pos_shift, prefix) in [
+            ("sink:4+60", true, vec![]),
+            ("window:48", true, vec![]),
+            ("sink:4+60", false, vec![]),
+            ("sink:2+40", true, vec![reference.tokens[5]; 2]),
+        ] {
+            let stream = TokenStream::new(&books, &prefix, None);
+            let token = run(&model, strategy, pos_shift, EngineKind::Token, &stream);
+            let block = run(&model, strategy, pos_shift, EngineKind::Block(32), &stream);
+            assert_eq!(token.len(), block.len());
+            let diffs: Vec<f32> = (token.records.iter().zip(&block.records))
+                .map(|(a, b)| (a.nll - b.nll).abs())
+                .collect();
+            let max = diffs.iter().copied().fold(0f32, f32::max);
+            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            // f32 rounding differs between one token and a block of queries: the mean is
+            // float noise (about 1e-6), single tokens reach about 1e-5.
+            assert!(
+                mean <= 1e-5 && max <= 5e-5,
+                "{} {strategy} pos_shift={pos_shift}: block vs token |dNLL| mean {mean}, max {max}",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// `recompute:W` scores token t+1 from a fresh window of the W+1 fed tokens ending at t: the
+/// same NLL as a dense run over just those tokens.
+#[test]
+fn recompute_equals_dense_over_each_window_for_every_family() {
+    for dir in fixtures() {
+        let (model, reference) = load(&dir);
+        let tokens = &reference.tokens[..120];
+        let window = 40;
+        let stream = TokenStream::new(&[tokens.to_vec()], &[], None);
+        let log = run(
+            &model,
+            &format!("recompute:{window}"),
+            true,
+            EngineKind::Token,
+            &stream,
+        );
+        for t in [window + 1, 77, tokens.len() - 2] {
+            let fresh = TokenStream::new(&[tokens[t - window..=t + 1].to_vec()], &[], None);
+            let dense = run(&model, "dense", true, EngineKind::Token, &fresh);
+            let (got, want) = (log.records[t].nll, dense.records[window].nll);
+            assert!(
+                (got - want).abs() <= 1e-5,
+                "{} token {t}: recompute {got} vs dense window {want}",
+                dir.display()
+            );
+        }
+    }
+}

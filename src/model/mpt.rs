@@ -1,5 +1,5 @@
-//! MPT: ALiBi instead of position embeddings, LayerNorms without biases, no biases anywhere, a
-//! fused QKV with rows [q, k, v], a tied head.
+//! MPT: ALiBi instead of position embeddings, LayerNorms without biases, no biases anywhere (as
+//! in transformers, whatever `no_bias` says), a fused QKV with rows [q, k, v], a tied head.
 //!
 //! ```text
 //! x += out_proj(attn(Wqkv(norm_1(x))) + alibi);  x += down(gelu(up(norm_2(x))))
@@ -25,8 +25,6 @@ struct Config {
     max_seq_len: usize,
     #[serde(default = "default_eps")]
     layer_norm_epsilon: f64,
-    #[serde(default = "yes")]
-    no_bias: bool,
     #[serde(default)]
     attn_config: AttnConfig,
 }
@@ -55,9 +53,6 @@ impl Default for AttnConfig {
     }
 }
 
-fn yes() -> bool {
-    true
-}
 fn four() -> usize {
     4
 }
@@ -92,11 +87,11 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
             "MPT without QK LayerNorm",
         ));
     }
-    if !c.no_bias {
+    if c.expansion_ratio != 4 {
         return Err(unsupported(
-            "no_bias",
-            "false",
-            "MPT without biases (as transformers does)",
+            "expansion_ratio",
+            &c.expansion_ratio.to_string(),
+            "MPT's 4 x d_model MLP (transformers' MptMLP hard-codes it)",
         ));
     }
     let (d, nh) = (c.d_model, c.n_heads);

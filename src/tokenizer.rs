@@ -22,7 +22,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{AddedToken, Encoding, PreTokenizerWrapper, Token, Tokenizer};
 
 use crate::source::{ModelFiles, ResolvedModel, TOKENIZER_CONFIG};
 
@@ -170,7 +170,12 @@ impl TextTokenizer {
         let text = std::fs::read_to_string(tokenizer_json).map_err(|e| unreadable(one_line(e)))?;
         let json: Json = serde_json::from_str(&text)
             .map_err(|e| unreadable(format!("not JSON: {}", one_line(e))))?;
-        let inner: Tokenizer = text.parse().map_err(|e| unreadable(one_line(e)))?;
+        let mut inner: Tokenizer = text.parse().map_err(|e| unreadable(one_line(e)))?;
+        // transformers neither truncates nor pads unless asked, whatever tokenizer.json says.
+        inner
+            .with_truncation(None)
+            .map_err(|e| unreadable(one_line(e)))?
+            .with_padding(None);
         let scheme = byte_scheme(&json);
         let post_bos = post_processor_bos(&inner, tokenizer_json)?;
         let bos = match tokenizer_config {
@@ -474,23 +479,21 @@ fn byte_scheme(json: &Json) -> ByteScheme {
     }
 }
 
-/// The token the `tokenizer.json` post-processor puts before every text, if any, found by
-/// encoding a probe with and without special tokens.
+/// The token the `tokenizer.json` post-processor puts before every text, if any: found by
+/// post-processing a one-token encoding whose id no vocabulary has, so it works whatever the
+/// vocabulary can encode.
 fn post_processor_bos(inner: &Tokenizer, path: &Path) -> Result<Option<u32>, TokenizerError> {
-    let encode = |add_special| {
+    const MARK: u32 = u32::MAX;
+    let text = Encoding::from_tokens(vec![Token::new(MARK, "a".into(), (0, 1))], 0);
+    let processed =
         inner
-            .encode_fast("a", add_special)
-            .map(|e| e.get_ids().to_vec())
+            .post_process(text, None, true)
             .map_err(|e| TokenizerError::Unreadable {
                 path: path.into(),
-                why: format!("encoding a probe failed: {}", one_line(e)),
-            })
-    };
-    let (plain, with_special) = (encode(false)?, encode(true)?);
-    let prefix_len = (0..=with_special.len().saturating_sub(plain.len()))
-        .find(|&i| with_special[i..].starts_with(&plain))
-        .unwrap_or(0);
-    match &with_special[..prefix_len] {
+                why: format!("its post-processor failed on a probe: {}", one_line(e)),
+            })?;
+    let ids = processed.get_ids();
+    match &ids[..ids.iter().position(|&id| id == MARK).unwrap_or(0)] {
         [] => Ok(None),
         [bos] => Ok(Some(*bos)),
         more => Err(TokenizerError::Unsupported {
@@ -643,15 +646,25 @@ mod tests {
                "rstrip": false, "normalized": false, "special": true})
     }
 
+    /// A TemplateProcessing post-processor: `<s>` before the text, `</s>` after it, as asked.
+    fn template(bos: bool, eos: bool) -> Json {
+        let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
+        let single: Vec<Json> = [
+            (bos, special("<s>")),
+            (true, json!({"Sequence": {"id": "A", "type_id": 0}})),
+            (eos, special("</s>")),
+        ]
+        .into_iter()
+        .filter_map(|(keep, part)| keep.then_some(part))
+        .collect();
+        json!({"type": "TemplateProcessing", "single": single, "pair": single,
+               "special_tokens": {
+                   "<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                   "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}})
+    }
+
     fn bos_template() -> Json {
-        json!({"type": "TemplateProcessing",
-               "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                          {"Sequence": {"id": "A", "type_id": 0}}],
-               "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                        {"Sequence": {"id": "A", "type_id": 0}},
-                        {"SpecialToken": {"id": "<s>", "type_id": 1}},
-                        {"Sequence": {"id": "B", "type_id": 1}}],
-               "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}})
+        template(true, false)
     }
 
     /// A Llama-2-style SentencePiece BPE: `<unk> <s> </s>`, the 256 byte-fallback tokens, a few
@@ -832,24 +845,28 @@ mod tests {
     #[test]
     fn bos_follows_add_bos_token_and_is_never_doubled() {
         let dir = temp_dir("bos");
-        let template = sentencepiece_json(true, bos_template());
+        let with_bos = sentencepiece_json(true, bos_template());
+        let eos_only = sentencepiece_json(true, template(false, true));
+        let both = sentencepiece_json(true, template(true, true));
         let bare = sentencepiece_json(true, Json::Null);
         let bos_object = json!({"content": "<s>", "lstrip": false, "normalized": false,
                                 "rstrip": false, "single_word": false});
         for (tokenizer, config, want) in [
-            (&template, None, Some(1)),
+            (&with_bos, None, Some(1)),
             (
-                &template,
+                &with_bos,
                 Some(json!({"add_bos_token": true, "bos_token": "<s>"})),
                 Some(1),
             ),
             (
-                &template,
+                &with_bos,
                 Some(json!({"add_bos_token": false, "bos_token": "<s>"})),
                 None,
             ),
-            (&template, Some(json!({"bos_token": "<s>"})), Some(1)),
+            (&with_bos, Some(json!({"bos_token": "<s>"})), Some(1)),
             (&bare, None, None),
+            (&eos_only, None, None),
+            (&both, None, Some(1)),
             (
                 &bare,
                 Some(json!({"add_bos_token": true, "bos_token": bos_object})),
@@ -872,6 +889,21 @@ mod tests {
                 .collect();
             assert_eq!(ids, expected, "{config:?}");
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn truncation_and_padding_in_tokenizer_json_are_ignored() {
+        let dir = temp_dir("truncation");
+        let mut tokenizer = byte_level_json(false);
+        tokenizer["truncation"] = json!({"direction": "Right", "max_length": 4,
+                                         "strategy": "LongestFirst", "stride": 0});
+        tokenizer["padding"] = json!({"strategy": {"Fixed": 64}, "direction": "Right",
+                                      "pad_to_multiple_of": null, "pad_id": 0,
+                                      "pad_type_id": 0, "pad_token": "<|endoftext|>"});
+        let tok = load(&dir, &tokenizer, None).unwrap();
+        let text = "the cat sat on the mat";
+        assert_eq!(tok.decode(&tok.encode(text).unwrap()).unwrap(), text);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -344,15 +344,11 @@ fn a_cached_hub_dataset_resolves_its_parquet_files_in_order() {
 fn an_unreachable_hub_falls_back_to_the_cache() {
     let cache = temp_dir("unreachable");
     lay_out_cache(&cache, "models--org--name", &model_files());
-    // Nothing listens on a port just closed: the connection is refused at once.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Port 0 cannot be connected to: the connection fails at once, and no other test's fake
+    // hub can be listening there.
     let hub = HubSettings {
         offline: false,
-        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        endpoint: Some("http://127.0.0.1:0".into()),
         ..offline(&cache)
     };
     let model = resolve_model("org/name", &hub).unwrap();

@@ -1,4 +1,5 @@
-//! Corpus loading: plain text files, folders of them, JSONL, and PG19-schema parquet files.
+//! Corpus loading: plain text files, folders of them, JSONL, PG19-schema parquet files, and hub
+//! datasets (`hf:ORG/NAME[@REVISION]`, their parquet files).
 //!
 //! Every text is kept exactly as stored (no BOM stripping, no trimming, no newline
 //! normalisation), because the token stream, and so every logged NLL, depends on it byte for byte.
@@ -21,6 +22,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+
+use crate::source::{DATASET_PREFIX, HubSettings, SourceError, resolve_dataset};
 
 /// One document of a corpus.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +97,8 @@ pub enum CorpusError {
         .path.display()
     )]
     Write { path: PathBuf, message: String },
+    #[error(transparent)]
+    Hub(#[from] SourceError),
 }
 
 type Result<T> = std::result::Result<T, CorpusError>;
@@ -132,8 +137,13 @@ fn has_extension(path: &Path, ext: &str) -> bool {
 /// Load one corpus path: a folder (every `*.txt`, `*.parquet` and `*.jsonl` file directly
 /// inside it, loaded in file-name order; subfolders and hidden files are skipped), a `.parquet`
 /// file in the PG19 schema, a `.jsonl` file, or any other file as one plain UTF-8 text whose
-/// title is the file stem.
+/// title is the file stem. `hf:ORG/NAME[@REVISION]`, when no such path exists, is a hub dataset
+/// (see [`load_hub_dataset`]), with the hub settings of the environment (`HF_HUB_CACHE`,
+/// `HF_HUB_OFFLINE`, `HF_TOKEN`, ...).
 pub fn load_corpus(path: &Path) -> Result<Vec<Book>> {
+    if let Some(spec) = hub_dataset_spec(path) {
+        return load_hub_dataset(spec, &HubSettings::from_env());
+    }
     let meta = std::fs::metadata(path).map_err(io_error(path))?;
     if meta.is_dir() {
         load_folder(path)
@@ -149,6 +159,27 @@ pub fn load_corpus(path: &Path) -> Result<Vec<Book>> {
             text: read_text(path)?,
         }])
     }
+}
+
+/// The `hf:...` spelling of a hub dataset, unless a file or folder of that name exists.
+fn hub_dataset_spec(path: &Path) -> Option<&str> {
+    path.to_str()
+        .filter(|p| p.starts_with(DATASET_PREFIX) && !path.exists())
+}
+
+/// A hub dataset, `hf:ORG/NAME[@REVISION]` (e.g. `hf:emozilla/pg19-test`): every `.parquet` file
+/// of the dataset repo, in the order of their paths in the repo
+/// (`data/test-00000-of-00002.parquet` before `data/test-00001-of-00002.parquet`), each read as
+/// a PG19-schema parquet file (`text` required; `short_book_title`, `url`, `publication_date`
+/// when present). The files come from the Hugging Face cache, downloaded into it first unless
+/// `hub.offline` (see [`crate::source::resolve_dataset`]).
+pub fn load_hub_dataset(spec: &str, hub: &HubSettings) -> Result<Vec<Book>> {
+    let dataset = resolve_dataset(spec, hub)?;
+    let mut books = Vec::new();
+    for file in &dataset.files {
+        books.extend(load_parquet(file)?);
+    }
+    Ok(books)
 }
 
 /// Several paths, concatenated in order.

@@ -2,8 +2,9 @@
 //! and log every token's negative log-likelihood.
 //!
 //! The flow, one module per stage:
-//! `corpus` (text / PG19 parquet) -> `tokenizer` -> `stream` (books into one fed/scored stream)
-//! -> `engine` (token-by-token, running `model` under a `strategy`) -> `nll_log` -> `report`.
+//! `source` (GGUF file, Hugging Face folder or hub id) -> `corpus` (text / PG19 parquet)
+//! -> `tokenizer` -> `stream` (books into one fed/scored stream) -> `engine` (token-by-token,
+//! running `model` under a `strategy`) -> `nll_log` -> `report`.
 
 pub mod bench;
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod report;
 pub mod reproduce;
 pub mod run_dir;
 pub mod runner;
+pub mod source;
 pub mod strategy;
 pub mod stream;
 pub mod sweep;

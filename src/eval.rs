@@ -311,7 +311,7 @@ pub fn metrics(log: &NllLog, corpus: &TokenizedCorpus, tok: &TextTokenizer) -> M
         let e = &mut per_book[b];
         e.0 += 1;
         e.1 += r.nll as f64;
-        e.2 += tok.token_bytes(corpus.ids[b][index]);
+        e.2 += tok.bytes_in_text(&corpus.books[b].text, &corpus.ids[b], index);
         e.3 = e.3.max(index);
     }
     let (mut words, mut bytes) = (0f64, 0u64);
@@ -321,14 +321,10 @@ pub fn metrics(log: &NllLog, corpus: &TokenizedCorpus, tok: &TextTokenizer) -> M
         }
         // The text the scored tokens span: tokens 1..=last, after token 0's bytes. A sample
         // (`--score-every`) counts the words of the span in proportion to the bytes it scored.
-        let ids = &corpus.ids[b];
-        let start = if tok.bos() == Some(ids[0]) {
-            0
-        } else {
-            tok.token_bytes(ids[0]) as usize
-        };
-        let span_bytes: u64 = ids[1..=last].iter().map(|&id| tok.token_bytes(id)).sum();
-        let text = corpus.books[b].text.as_bytes();
+        let (ids, text) = (&corpus.ids[b], &corpus.books[b].text);
+        let start = tok.bytes_in_text(text, ids, 0) as usize;
+        let span_bytes: u64 = (1..=last).map(|i| tok.bytes_in_text(text, ids, i)).sum();
+        let text = text.as_bytes();
         let span = &text[start.min(text.len())..(start + span_bytes as usize).min(text.len())];
         let span_words = String::from_utf8_lossy(span).split_whitespace().count() as f64;
         words += span_words * sampled_bytes as f64 / span_bytes.max(1) as f64;

@@ -31,7 +31,8 @@ struct Cli {
 enum Command {
     /// Score a corpus under one or more cache strategies; writes OUT/<strategy>/{nll.parquet,run.json}.
     Eval {
-        /// GGUF model file (Llama architecture).
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
         #[arg(long)]
         model: PathBuf,
         /// Text file, folder of text files, PG19-schema parquet or JSONL; repeat for several.
@@ -86,6 +87,8 @@ enum Command {
     Compare { a: PathBuf, b: PathBuf },
     /// Print the token ids (and pieces) of a text.
     Tokenize {
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
         #[arg(long)]
         model: PathBuf,
         /// The text to tokenize; or use --file.
@@ -97,9 +100,15 @@ enum Command {
         count: bool,
     },
     /// Print a model's architecture and tokenizer facts.
-    Info { model: PathBuf },
+    Info {
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
+        model: PathBuf,
+    },
     /// Measure the engines' speed and memory; writes OUT/NAME.json and OUT/NAME.md.
     Bench {
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         #[arg(long, default_value = DEFAULT_CORPUS)]
@@ -129,6 +138,8 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long, default_value = "experiments")]
         experiments: PathBuf,
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         #[arg(long, default_value = DEFAULT_CORPUS)]
@@ -144,6 +155,8 @@ enum Command {
         /// Recent-window sizes W, e.g. 252,508,1020,2044.
         #[arg(long, value_delimiter = ',', required = true)]
         windows: Vec<usize>,
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         #[arg(long, default_value = DEFAULT_CORPUS)]
@@ -362,7 +375,7 @@ fn run(cli: Cli) -> Result<()> {
             file,
             count,
         } => {
-            let tok = streamppl::tokenizer::TextTokenizer::for_model(&model)?;
+            let tok = streamppl::runner::load_tokenizer(&model)?;
             let text = match (text, file) {
                 (Some(t), _) => t,
                 (None, Some(f)) => std::fs::read_to_string(&f)

@@ -17,11 +17,13 @@ use crate::eval::{EvalOptions, TokenizedCorpus, fingerprint, metrics, numerics_e
 use crate::memory::MemorySampler;
 use crate::model::Model;
 use crate::model::gguf::load_gguf;
+use crate::model::hf::load_hf;
 use crate::records::memory::write_csv;
 use crate::records::run::{
-    CorpusInfo, ModelInfo, RUN_SCHEMA, RunOptionsRecord, RunRecord, Versions,
+    CorpusInfo, ModelDetails, ModelInfo, RUN_SCHEMA, RunOptionsRecord, RunRecord, Versions,
 };
 use crate::run_dir::{Existing, RunIdentity, RunLock, discard_contents, existing_run};
+use crate::source::{HfModelFiles, HubSettings, ModelFiles, resolve_model};
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 use crate::tokenizer::TextTokenizer;
@@ -33,20 +35,76 @@ pub struct LoadedModel {
     pub info: ModelInfo,
 }
 
-pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel> {
-    let model = load_gguf(path, device)?.model;
-    let tokenizer = TextTokenizer::for_model(path)?;
+/// Loads the model `--model` names: a GGUF file, a Hugging Face model folder, or a hub id
+/// `org/name[@revision]` resolved through the hub cache (see [`crate::source`]).
+pub fn load_model(spec: &Path, device: &Device) -> Result<LoadedModel> {
+    let resolved = resolve_model(&spec.to_string_lossy(), &HubSettings::from_env())?;
+    let (model, sha256) = match &resolved.files {
+        ModelFiles::Gguf(path) => (load_gguf(path, device)?.model, sha256_file(path)?),
+        ModelFiles::HuggingFace(files) => (
+            load_hf(&files.config, &files.weights, device)?,
+            checkpoint_digest(files)?,
+        ),
+    };
+    let tokenizer = TextTokenizer::for_resolved(&resolved)?;
+    tokenizer
+        .check_vocab(model.dims.vocab_size)
+        .with_context(|| format!("{}", resolved.source))?;
+    let details = ModelDetails {
+        source: resolved.source,
+        model_type: model.arch.model_type.clone(),
+        positions: model.arch.positions.clone(),
+        dtype: "f32".into(),
+        device: device_name(device),
+        parameters: model.parameter_count() as u64,
+        bos_added: tokenizer.bos_added(),
+    };
     let info = ModelInfo {
-        path: path.display().to_string(),
-        sha256: sha256_file(path)?,
-        architecture: "llama".into(),
+        path: spec.display().to_string(),
+        sha256,
+        architecture: model.arch.family.clone(),
         trained_context: model.dims.context_length,
+        details: Some(details),
     };
     Ok(LoadedModel {
         model,
         tokenizer,
         info,
     })
+}
+
+/// The tokenizer of the model `--model` names, without loading its weights.
+pub fn load_tokenizer(spec: &Path) -> Result<TextTokenizer> {
+    TextTokenizer::for_resolved(&resolve_model(
+        &spec.to_string_lossy(),
+        &HubSettings::from_env(),
+    )?)
+}
+
+/// `cpu`, `cuda:0`, ... for records.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The identity of a Hugging Face checkpoint: sha256 over the lines `NAME SHA256` of its
+/// config, tokenizer files and weight files, in that order (so any changed file changes it).
+pub fn checkpoint_digest(files: &HfModelFiles) -> Result<String> {
+    let mut lines = String::new();
+    let named = [
+        Some(&files.config),
+        Some(&files.tokenizer),
+        files.tokenizer_config.as_ref(),
+    ];
+    for path in named.into_iter().flatten().chain(&files.weights) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        lines.push_str(&format!("{name} {}\n", sha256_file(path)?));
+    }
+    let digest = Sha256::digest(lines.as_bytes());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -491,19 +549,28 @@ pub fn now_rfc3339() -> String {
     )
 }
 
-/// `streamppl info`: the architecture, the tokenizer and the file's checksum.
-pub fn model_info(path: &Path) -> Result<String> {
-    let lm = load_model(path, &Device::Cpu)?;
+/// `streamppl info`: where the model comes from, its family, shapes and position scheme, the
+/// tokenizer, and the checksum run records use.
+pub fn model_info(spec: &Path) -> Result<String> {
+    let lm = load_model(spec, &Device::Cpu)?;
     let (d, a) = (&lm.model.dims, &lm.model.arch);
+    let details = lm
+        .info
+        .details
+        .as_ref()
+        .expect("load_model fills the details");
     Ok(format!(
-        "model: {}\nsha256: {}\nfamily: {} ({}), {} parameters\n\
+        "model: {}\nsource: {}\nsha256: {}\nfamily: {} ({}), {} parameters, {} on {}\n\
          {} layers, hidden {}, {} heads ({} KV heads), head dim {}, trained context: {}\n\
          positions: {}\nvocab: {} (tokenizer: {} entries, BOS added: {})\n",
         lm.info.path,
+        details.source,
         lm.info.sha256,
         a.family,
         a.model_type,
-        lm.model.parameter_count(),
+        details.parameters,
+        details.dtype,
+        details.device,
         d.n_layer,
         d.hidden_size,
         d.n_head,
@@ -513,7 +580,7 @@ pub fn model_info(path: &Path) -> Result<String> {
         a.positions,
         d.vocab_size,
         lm.tokenizer.vocab_size(),
-        lm.tokenizer.bos().is_some(),
+        details.bos_added,
     ))
 }
 

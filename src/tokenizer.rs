@@ -358,6 +358,14 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("decoding: {e}"))
     }
 
+    /// Writes the tokenizer as a `tokenizer.json` (a GGUF's own tokenizer included), so a
+    /// checkpoint folder can carry it.
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| anyhow!("{}: cannot write the tokenizer ({e})", path.display()))
+    }
+
     /// How many UTF-8 bytes of text token `id` stands for (`▁` one space, `<0x0A>` one byte, an
     /// added token its own length). See [`Self::bytes_in_text`] for the first tokens of a text.
     pub fn token_bytes(&self, id: u32) -> u64 {

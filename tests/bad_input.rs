@@ -343,6 +343,27 @@ const CASES: &[(&str, &str)] = &[
         "eval --model {tiny} --corpus {books} --strategy sink:1000000000000+4 --sink-text x",
         "give S <= 1048576",
     ),
+    // 9. Hugging Face checkpoints and hub ids ({dir}/hf-NAME: a fixture with one defect, see
+    // `write_bad_checkpoints`; the hub cache is {dir}/hub, empty, offline).
+    ("info {dir}/hf-unknown-type", "unknown model_type `bert`"),
+    (
+        "info {dir}/hf-yarn",
+        "unsupported rope_scaling type = `yarn`",
+    ),
+    (
+        "eval --model {dir}/hf-shape --corpus {books} --strategy dense",
+        "model.layers.0.mlp.gate_proj.weight",
+    ),
+    (
+        "info {dir}/hf-missing-shard",
+        "model-00002-of-00003.safetensors",
+    ),
+    ("info {dir}/hf-big-vocab", "384"),
+    (
+        "eval --model nosuch-org/nosuch-model --corpus {books} --strategy dense",
+        "nosuch-org/nosuch-model",
+    ),
+    ("info nosuch-org/nosuch-model@v2", "hub"),
     // The real model's tokenizer: a text of several tokens as sinks of another count.
     (
         "eval --model {model} --corpus {books} --strategy sink:4+8 --sink-text 'Of Mans First'",
@@ -392,7 +413,7 @@ fn the_fixtures_are_valid() {
     assert!(info.status.success(), "{}", stderr(&info));
     let facts = String::from_utf8_lossy(&info.stdout);
     assert!(
-        facts.contains("1 layers, hidden 8, ffn 16, 2 heads (2 KV heads)"),
+        facts.contains("1 layers, hidden 8, 2 heads (2 KV heads)"),
         "{facts}"
     );
     let run = fx.dir.join("run/dense");
@@ -445,7 +466,11 @@ const BOOKS: [&str; 3] = [
 ];
 
 fn streamppl(args: &[String]) -> Output {
+    // Hub ids resolve in an empty cache, offline: never the network, never the user's cache.
+    let hub = std::env::temp_dir().join(format!("streamppl-bad-input-hub-{}", std::process::id()));
     Command::new(env!("CARGO_BIN_EXE_streamppl"))
+        .env("HF_HUB_CACHE", hub)
+        .env("HF_HUB_OFFLINE", "1")
         .args(args)
         .output()
         .expect("run streamppl")
@@ -527,6 +552,7 @@ impl Fixtures {
         for (name, model) in bad_models() {
             model.write(&dir.join(format!("{name}.gguf")));
         }
+        write_bad_checkpoints(&dir);
         let bytes = std::fs::read(dir.join("tiny.gguf")).unwrap();
         std::fs::write(dir.join("truncated.gguf"), &bytes[..bytes.len() / 2]).unwrap();
         let fx = Fixtures { real_model, dir };
@@ -581,6 +607,44 @@ impl Drop for Fixtures {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Copies of the sharded `llama-linear` fixture (vocab 384), each with one defect.
+fn write_bad_checkpoints(dir: &Path) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama-linear");
+    let copy = |name: &str| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(&fixture).unwrap() {
+            let from = entry.unwrap().path();
+            std::fs::copy(&from, to.join(from.file_name().unwrap())).unwrap();
+        }
+        to
+    };
+    let edit_json = |path: PathBuf, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = read_json(&path);
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    edit_json(copy("hf-unknown-type").join("config.json"), &|c| {
+        c["model_type"] = "bert".into()
+    });
+    edit_json(copy("hf-yarn").join("config.json"), &|c| {
+        c["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0})
+    });
+    edit_json(copy("hf-shape").join("config.json"), &|c| {
+        c["intermediate_size"] = 100.into()
+    });
+    let missing = copy("hf-missing-shard");
+    std::fs::remove_file(missing.join("model-00002-of-00003.safetensors")).unwrap();
+    edit_json(copy("hf-big-vocab").join("tokenizer.json"), &|t| {
+        let added = t["added_tokens"].as_array_mut().unwrap();
+        added.push(
+            serde_json::json!({"id": 500, "content": "<beyond-the-embedding>",
+            "single_word": false, "lstrip": false, "rstrip": false, "normalized": false,
+            "special": true}),
+        );
+    });
 }
 
 /// The real model, or `None` (the caller skips, loudly) unless STREAMPPL_REQUIRE_MODELS=1.

@@ -77,7 +77,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
     }
     let (d, nh) = (c.hidden_size, c.num_attention_heads);
     let (nkv, groups, roles) = qkv_layout(&c);
-    if nh == 0 || d % nh != 0 || nkv == 0 || nh % nkv != 0 {
+    if nh == 0 || !d.is_multiple_of(nh) || nkv == 0 || !nh.is_multiple_of(nkv) {
         anyhow::bail!(
             "invalid model config: hidden_size {d}, num_attention_heads {nh}, num_kv_heads {nkv}: heads must divide the width and KV heads the heads"
         );
@@ -145,7 +145,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
     let arch = Architecture {
         family: "falcon".into(),
         model_type: format!("falcon ({layout})"),
-        positions: describe_rope(&rope, theta, &scaling),
+        positions: describe_rope("half-split", hd, theta, &scaling),
     };
     let dims = Dims {
         vocab_size: c.vocab_size,

@@ -45,7 +45,14 @@ pub fn load_hf(config: &Path, weights: &[PathBuf], device: &Device) -> Result<Mo
             config.display()
         ),
     };
-    model.map_err(|e| anyhow!("{}: {}", folder(config), first_line(&e)))
+    model.map_err(|e| {
+        let why = first_line(&e);
+        let hint = match why.contains("shape mismatch") {
+            true => "; config.json and the weights disagree (a different checkpoint's shards or an edited config)",
+            false => "",
+        };
+        anyhow!("{}: {why}{hint}", folder(config))
+    })
 }
 
 fn model_type(config_json: &str) -> Result<String> {

@@ -8,14 +8,14 @@
 //! ```
 
 use candle_core::Result;
-use candle_nn::VarBuilder;
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::{Attention, PositionScheme};
 use super::decoder::{Architecture, Block, Dims, Mlp, Model, Residual, scaled, stacked};
 use super::hf::{RopeConfig, unsupported};
 use super::rope::{PairLayout, Rope, RopeScaling};
-use super::weights::{linear, rms_norm};
+use super::weights::{interleave_pairs, linear, rms_norm};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -224,10 +224,22 @@ impl Naming {
         }
     }
 
-    fn layout(self) -> PairLayout {
+    /// The checkpoint's RoPE pair order, in words for records.
+    fn layout_words(self) -> &'static str {
         match self {
-            Naming::Gguf => PairLayout::Interleaved,
-            Naming::HuggingFace => PairLayout::HalfSplit,
+            Naming::Gguf => "interleaved",
+            Naming::HuggingFace => "half-split (Q/K rows reordered to interleaved pairs at load)",
+        }
+    }
+
+    /// Q or K rows as the interleaved kernel takes them. Hugging Face rows are half-split;
+    /// reordering them at load (the inverse of llama.cpp's conversion) rather than rotating
+    /// half-split pairs makes a checkpoint and its GGUF compute the same sums in the same
+    /// order: the same NLLs, not just equal up to rounding.
+    fn interleaved(self, rows: Linear, heads: usize, head_dim: usize) -> Result<Linear> {
+        match self {
+            Naming::Gguf => Ok(rows),
+            Naming::HuggingFace => interleave_pairs(&rows, heads, head_dim, head_dim),
         }
     }
 }
@@ -252,8 +264,11 @@ pub fn load(cfg: &Config, vb: VarBuilder, naming: Naming, model_type: &str) -> R
             Ok(Block {
                 attn_norm: rms_norm(&vb, &p(attn_norm), d, cfg.rms_eps)?,
                 qkv: stacked(&[
-                    scaled(&lin(q, nh * hd, d, cfg.qkv_bias)?, 1.0 / (hd as f64).sqrt())?,
-                    lin(k, nkv * hd, d, cfg.qkv_bias)?,
+                    scaled(
+                        &naming.interleaved(lin(q, nh * hd, d, cfg.qkv_bias)?, nh, hd)?,
+                        1.0 / (hd as f64).sqrt(),
+                    )?,
+                    naming.interleaved(lin(k, nkv * hd, d, cfg.qkv_bias)?, nkv, hd)?,
                     lin(v, nkv * hd, d, cfg.qkv_bias)?,
                 ])?,
                 out: lin(out, d, nh * hd, cfg.out_bias)?,
@@ -268,11 +283,16 @@ pub fn load(cfg: &Config, vb: VarBuilder, naming: Naming, model_type: &str) -> R
             })
         })
         .collect::<Result<_>>()?;
-    let rope = Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling, naming.layout());
+    let rope = Rope::new(
+        hd,
+        cfg.rope_theta,
+        &cfg.rope_scaling,
+        PairLayout::Interleaved,
+    );
     let arch = Architecture {
         family: "llama".into(),
         model_type: model_type.into(),
-        positions: describe_rope(&rope, cfg.rope_theta, &cfg.rope_scaling),
+        positions: describe_rope(naming.layout_words(), hd, cfg.rope_theta, &cfg.rope_scaling),
     };
     let attention = Attention {
         n_head: nh,
@@ -292,12 +312,9 @@ pub fn load(cfg: &Config, vb: VarBuilder, naming: Naming, model_type: &str) -> R
     )
 }
 
-/// `rope half-split, theta 10000, llama3 scaling x8` and the like, for records.
-pub fn describe_rope(rope: &Rope, theta: f64, scaling: &RopeScaling) -> String {
-    let layout = match rope.layout {
-        PairLayout::Interleaved => "interleaved",
-        PairLayout::HalfSplit => "half-split",
-    };
+/// `rope half-split, 64 of each head's channels, theta 10000, llama3 scaling x8` and the like,
+/// for records.
+pub fn describe_rope(layout: &str, rotary_dim: usize, theta: f64, scaling: &RopeScaling) -> String {
     let scaling = match scaling {
         RopeScaling::None => String::new(),
         RopeScaling::Linear { factor } => format!(", linear scaling x{factor}"),
@@ -305,7 +322,7 @@ pub fn describe_rope(rope: &Rope, theta: f64, scaling: &RopeScaling) -> String {
     };
     format!(
         "rope {layout}, {} of each head's channels, theta {theta}{scaling}",
-        rope.rotary_dim
+        rotary_dim
     )
 }
 

@@ -95,7 +95,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
         ));
     }
     let (d, nh) = (c.d_model, c.n_heads);
-    if nh == 0 || d % nh != 0 {
+    if nh == 0 || !d.is_multiple_of(nh) {
         anyhow::bail!("invalid model config: d_model {d} is not a multiple of n_heads {nh}");
     }
     let hd = d / nh;

@@ -60,7 +60,7 @@ pub fn gelu_is_tanh(hidden_act: &str) -> anyhow::Result<bool> {
 pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
     let c: Config = serde_json::from_str(config_json)?;
     let (d, nh, f) = (c.hidden_size, c.num_attention_heads, c.intermediate_size);
-    if nh == 0 || d % nh != 0 {
+    if nh == 0 || !d.is_multiple_of(nh) {
         anyhow::bail!(
             "invalid model config: hidden_size {d} is not a multiple of num_attention_heads {nh}"
         );
@@ -69,7 +69,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
     let pct = c.rotary_pct.or(c.partial_rotary_factor).unwrap_or(1.0);
     // transformers: rotary_ndims = int(head_size * rotary_pct).
     let rotary_dim = (hd as f64 * pct) as usize;
-    if rotary_dim % 2 != 0 || rotary_dim > hd {
+    if !rotary_dim.is_multiple_of(2) || rotary_dim > hd {
         anyhow::bail!(
             "invalid model config: rotary_pct {pct} gives {rotary_dim} rotary channels of {hd}; they rotate in pairs"
         );
@@ -118,7 +118,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
     let arch = Architecture {
         family: "gpt_neox".into(),
         model_type: "gpt_neox".into(),
-        positions: describe_rope(&rope, theta, &scaling),
+        positions: describe_rope("half-split", rotary_dim, theta, &scaling),
     };
     let dims = Dims {
         vocab_size: c.vocab_size,

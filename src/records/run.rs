@@ -174,10 +174,34 @@ pub struct RunRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
+    /// The `--model` argument as given.
     pub path: String,
+    /// Of the GGUF file; of a Hugging Face checkpoint, over its config, tokenizer and weight
+    /// files (see `runner::checkpoint_digest`).
     pub sha256: String,
+    /// The family (`llama`, `gpt_neox`, `falcon`, `mpt`).
     pub architecture: String,
     pub trained_context: usize,
+    /// The fields below are absent from records written before Hugging Face checkpoints loaded
+    /// (all of those are the GGUF Llama, in f32, on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<ModelDetails>,
+}
+
+/// What a run record says of its model beyond the file: where it came from, how it was run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelDetails {
+    pub source: crate::source::ModelSource,
+    /// What the checkpoint calls itself (`model_type`, GGUF `general.architecture`).
+    pub model_type: String,
+    /// The position scheme in words, e.g. `rope half-split, 64 of each head's channels, ...`.
+    pub positions: String,
+    /// The compute dtype (weights on disk in f16 or bf16 are upcast to it).
+    pub dtype: String,
+    pub device: String,
+    pub parameters: u64,
+    /// Whether the tokenizer puts a BOS token before every book.
+    pub bos_added: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

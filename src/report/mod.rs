@@ -174,6 +174,7 @@ pub(crate) mod tests {
                 sha256: "ab".repeat(32),
                 architecture: "llama".to_string(),
                 trained_context: TRAINED_CONTEXT,
+                details: None,
             },
             corpus: CorpusInfo {
                 path: "/data/pg19-test.parquet".to_string(),

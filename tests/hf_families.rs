@@ -178,3 +178,56 @@ fn recompute_equals_dense_over_each_window_for_every_family() {
         }
     }
 }
+
+/// What a user runs: `streamppl eval --model DIR --corpus corpus.txt --strategy dense` tokenizes
+/// the text as transformers' tokenizer does (BOS included where the model adds it) and logs
+/// transformers' NLLs token by token.
+#[test]
+fn the_cli_on_a_checkpoint_folder_logs_transformers_nlls() {
+    let out = std::env::temp_dir().join(format!("streamppl-hf-cli-{}", std::process::id()));
+    for dir in fixtures() {
+        let reference = load(&dir).1;
+        let run_dir = out.join(dir.file_name().unwrap());
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_streamppl"))
+            .args(["eval", "--model"])
+            .arg(&dir)
+            .arg("--corpus")
+            .arg(fixtures_root().join("corpus.txt"))
+            .args(["--strategy", "dense", "--out"])
+            .arg(&run_dir)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let log = NllLog::read_parquet(&run_dir.join("dense/nll.parquet")).unwrap();
+        let ids: Vec<u32> = log.records.iter().map(|r| r.token_id).collect();
+        assert_eq!(ids, reference.tokens[1..], "{}: token ids", dir.display());
+        for (r, &want) in log.records.iter().zip(&reference.nll) {
+            assert!(
+                (r.nll - want).abs() <= 1e-4,
+                "{}: {} vs {want}",
+                dir.display(),
+                r.nll
+            );
+        }
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run_dir.join("dense/run.json")).unwrap())
+                .unwrap();
+        let bos = serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.join("reference.json")).unwrap(),
+        )
+        .unwrap()["bos_added"]
+            .clone();
+        assert_eq!(
+            record["model"]["details"]["bos_added"],
+            bos,
+            "{}",
+            dir.display()
+        );
+        assert_eq!(record["model"]["details"]["source"]["kind"], "folder");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}

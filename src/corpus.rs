@@ -11,6 +11,7 @@
 //! write_pg19_parquet(&books, Path::new("datasets/my-texts.parquet")).unwrap();
 //! ```
 
+use crate::one_line;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,15 +103,6 @@ pub enum CorpusError {
 }
 
 type Result<T> = std::result::Result<T, CorpusError>;
-
-/// Foreign error messages (parquet, arrow) may span lines; ours must stay on one.
-fn one_line(message: impl std::fmt::Display) -> String {
-    message
-        .to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CorpusError + '_ {
     move |e| match e.kind() {

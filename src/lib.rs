@@ -26,3 +26,13 @@ pub mod strategy;
 pub mod stream;
 pub mod sweep;
 pub mod tokenizer;
+
+/// An error message of another library on one line (some span several, with backtraces or
+/// pretty-printed context); streamppl's errors are one line each.
+pub(crate) fn one_line(message: impl std::fmt::Display) -> String {
+    message
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -25,6 +25,7 @@
 //! }
 //! ```
 
+use crate::one_line;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -339,15 +340,6 @@ pub enum SourceError {
 }
 
 type Result<T, E = SourceError> = std::result::Result<T, E>;
-
-/// Foreign error messages may span lines; ours stay on one.
-fn one_line(message: impl fmt::Display) -> String {
-    message
-        .to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// Resolves a `--model` argument (see the module docs for the three forms). A path that exists
 /// is a file or a folder, never a hub id; a missing path is a hub id when it reads as one.

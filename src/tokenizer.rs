@@ -9,6 +9,7 @@
 //! assert_eq!(tok.decode(&ids).unwrap(), "Of Mans First Disobedience");
 //! ```
 
+use crate::one_line;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
@@ -427,15 +428,6 @@ impl TextTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
-}
-
-/// Foreign error messages may span lines; ours stay on one.
-fn one_line(message: impl std::fmt::Display) -> String {
-    message
-        .to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// Every component object (`{"type": ...}`) of a `tokenizer.json` section, sequences flattened.

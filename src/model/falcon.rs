@@ -17,7 +17,7 @@ use super::decoder::{Architecture, Block, Dims, Mlp, Model, Residual, scaled, st
 use super::hf::{RopeConfig, unsupported};
 use super::llama::describe_rope;
 use super::rope::{PairLayout, Rope};
-use super::weights::{layer_norm, linear, unfuse};
+use super::weights::{layer_norm, linear, unfuse, untied_head};
 
 /// `config.json` of a `falcon` checkpoint (the fields streamppl reads).
 #[derive(Debug, Deserialize)]
@@ -130,10 +130,13 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let embed = vb.get((c.vocab_size, d), "transformer.word_embeddings.weight")?;
-    let lm_head = match c.tie_word_embeddings {
-        true => None,
-        false => Some(vb.get((c.vocab_size, d), "lm_head.weight")?),
-    };
+    let lm_head = untied_head(
+        &vb,
+        c.tie_word_embeddings,
+        "lm_head.weight",
+        c.vocab_size,
+        d,
+    )?;
     let final_norm = layer_norm(&vb, "transformer.ln_f", d, eps, true)?;
     let (theta, scaling) = (c.rope.theta(), c.rope.scaling()?);
     let rope = Rope::new(hd, theta, &scaling, PairLayout::HalfSplit);

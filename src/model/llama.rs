@@ -15,7 +15,7 @@ use super::attention::{Attention, PositionScheme};
 use super::decoder::{Architecture, Block, Dims, Mlp, Model, Residual, scaled, stacked};
 use super::hf::{RopeConfig, unsupported};
 use super::rope::{PairLayout, Rope, RopeScaling};
-use super::weights::{interleave_pairs, linear, rms_norm};
+use super::weights::{interleave_pairs, linear, rms_norm, untied_head};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -252,10 +252,7 @@ pub fn load(cfg: &Config, vb: VarBuilder, naming: Naming, model_type: &str) -> R
     let (d, hd, f) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
     let (nh, nkv) = (cfg.n_head, cfg.n_kv_head);
     let embed = vb.get((cfg.vocab_size, d), names.embed)?;
-    let lm_head = match cfg.tied_embeddings {
-        true => None,
-        false => Some(vb.get((cfg.vocab_size, d), names.lm_head)?),
-    };
+    let lm_head = untied_head(&vb, cfg.tied_embeddings, names.lm_head, cfg.vocab_size, d)?;
     let [attn_norm, q, k, v, out, mlp_norm, gate, up, down] = names.parts;
     let blocks = (0..cfg.n_layer)
         .map(|i| {

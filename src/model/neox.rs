@@ -14,7 +14,7 @@ use super::decoder::{Architecture, Block, Dims, Mlp, Model, Residual, scaled, st
 use super::hf::{RopeConfig, unsupported};
 use super::llama::describe_rope;
 use super::rope::{PairLayout, Rope};
-use super::weights::{layer_norm, linear, unfuse};
+use super::weights::{layer_norm, linear, unfuse, untied_head};
 
 /// `config.json` of a `gpt_neox` checkpoint (the fields streamppl reads).
 #[derive(Debug, Deserialize)]
@@ -109,10 +109,13 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let embed = vb.get((c.vocab_size, d), "gpt_neox.embed_in.weight")?;
-    let lm_head = match c.tie_word_embeddings {
-        true => None,
-        false => Some(vb.get((c.vocab_size, d), "embed_out.weight")?),
-    };
+    let lm_head = untied_head(
+        &vb,
+        c.tie_word_embeddings,
+        "embed_out.weight",
+        c.vocab_size,
+        d,
+    )?;
     let final_norm = layer_norm(&vb, "gpt_neox.final_layer_norm", d, c.layer_norm_eps, true)?;
     let rope = Rope::new(rotary_dim, theta, &scaling, PairLayout::HalfSplit);
     let arch = Architecture {

@@ -21,6 +21,17 @@ pub fn linear(
     Ok(Linear::new(w, b))
 }
 
+/// The untied LM head `name` (vocab, d), or `None` when the head is the token embedding.
+pub fn untied_head(
+    vb: &VarBuilder,
+    tied: bool,
+    name: &str,
+    vocab: usize,
+    d: usize,
+) -> Result<Option<Tensor>> {
+    (!tied).then(|| vb.get((vocab, d), name)).transpose()
+}
+
 /// RMS norm `{name}.weight` (d).
 pub fn rms_norm(vb: &VarBuilder, name: &str, d: usize, eps: f64) -> Result<Norm> {
     Ok(Norm::Rms {

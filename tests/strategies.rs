@@ -1,6 +1,7 @@
 //! Exactness of the token engine on tiny random Llamas: strategies that must agree do, and
-//! `sink:S+W` matches a slow, independent f64 oracle that builds each token's visible keys and
-//! positions straight from the spec's rules.
+//! `sink:S+W`, `window:W`, `--no-pos-shift`, `--sink-text` and `recompute:W` match a slow,
+//! independent f64 oracle that builds each token's visible keys and positions straight from the
+//! spec's rules, in every position scheme (full, partial RoPE, ALiBi, layer windows).
 
 use std::collections::HashMap;
 
@@ -9,8 +10,10 @@ mod common;
 use candle_core::Device;
 use indicatif::ProgressBar;
 use streamppl::engine::{EngineKind, run_strategy};
-use streamppl::model::Config;
+use streamppl::model::attention::PositionScheme;
 use streamppl::model::random::{random_llama, random_weights};
+use streamppl::model::rope::{PairLayout, Rope, RopeScaling};
+use streamppl::model::{Config, Model};
 use streamppl::strategy::Strategy;
 use streamppl::stream::TokenStream;
 
@@ -20,8 +23,59 @@ fn cfg() -> Config {
     Config::tiny(VOCAB) // 4 query heads over 2 KV heads: GQA
 }
 
+/// How keys and queries get positions in a test model: the Llama block with each scheme of
+/// spec section 3b in turn (the families' own blocks are checked against transformers in
+/// tests/hf_families.rs; here the question is how each scheme follows the strategies).
+#[derive(Clone, Copy, Debug)]
+enum Scheme {
+    /// Interleaved RoPE on every channel (the GGUF Llama).
+    Rope,
+    /// RoPE on the first 4 of each head's 8 channels (GPT-NeoX's `rotary_pct` 0.5).
+    PartialRope,
+    /// ALiBi with MPT's slopes, no rotation.
+    Alibi,
+    /// RoPE, and every layer sees only keys fewer than 5 fed tokens back (Mistral).
+    LayerWindow,
+}
+
+const SCHEMES: [Scheme; 4] = [
+    Scheme::Rope,
+    Scheme::PartialRope,
+    Scheme::Alibi,
+    Scheme::LayerWindow,
+];
+const ROTARY_DIM: usize = 4;
+const LAYER_WINDOW: usize = 5;
+
+impl Scheme {
+    fn model(self) -> Model {
+        let cfg = Config {
+            layer_windows: match self {
+                Scheme::LayerWindow => vec![Some(LAYER_WINDOW); cfg().n_layer],
+                _ => Vec::new(),
+            },
+            ..cfg()
+        };
+        let model = random_llama(&cfg, 7, &Device::Cpu).unwrap();
+        match self {
+            Scheme::Rope | Scheme::LayerWindow => model,
+            Scheme::PartialRope => model.with_positions(PositionScheme::Rope(Rope::new(
+                ROTARY_DIM,
+                cfg.rope_theta,
+                &RopeScaling::None,
+                PairLayout::Interleaved,
+            ))),
+            Scheme::Alibi => model.with_positions(PositionScheme::mpt_alibi(cfg.n_head, 8.0)),
+        }
+    }
+}
+
 fn nlls(strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
-    let model = random_llama(&cfg(), 7, &Device::Cpu).unwrap();
+    nlls_with(Scheme::Rope, strategy, pos_shift, stream)
+}
+
+fn nlls_with(scheme: Scheme, strategy: &str, pos_shift: bool, stream: &TokenStream) -> Vec<f32> {
+    let model = scheme.model();
     let s: Strategy = strategy.parse().unwrap();
     let log = run_strategy(
         &model,
@@ -110,11 +164,17 @@ fn recompute_stride_one_is_recompute() {
 
 #[test]
 fn recompute_matches_the_oracle_window() {
+    for scheme in SCHEMES {
+        check_recompute_against_oracle(scheme);
+    }
+}
+
+fn check_recompute_against_oracle(scheme: Scheme) {
     // recompute:W: token t sees fed tokens t-W..=t, all recomputed at positions 0..=W.
     let stream = TokenStream::new(&common::books(&[25, 10], VOCAB, 4), &[], None);
     let w = 6;
-    let got = nlls(&format!("recompute:{w}"), true, &stream);
-    let oracle = Oracle::new();
+    let got = nlls_with(scheme, &format!("recompute:{w}"), true, &stream);
+    let oracle = Oracle::new(scheme);
     let want: Vec<f32> = (0..stream.len())
         .map(|t| {
             let first = t.saturating_sub(w);
@@ -127,7 +187,12 @@ fn recompute_matches_the_oracle_window() {
             oracle.nll(&nll[fed.len() - 1], target) as f32
         })
         .collect();
-    assert_close(&got, &want, 1e-4, "recompute vs oracle");
+    assert_close(
+        &got,
+        &want,
+        1e-4,
+        &format!("{scheme:?} recompute vs oracle"),
+    );
 }
 
 /// The spec's eviction rule: fed token t sees all of 0..=t while t <= S+W, then
@@ -148,6 +213,18 @@ fn spec_visible(s: usize, w: usize, pos_shift: bool) -> impl Fn(usize) -> Vec<(u
 }
 
 fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]) {
+    for scheme in SCHEMES {
+        check_scheme_against_oracle(scheme, s, w, pos_shift, prefix);
+    }
+}
+
+fn check_scheme_against_oracle(
+    scheme: Scheme,
+    s: usize,
+    w: usize,
+    pos_shift: bool,
+    prefix: &[u32],
+) {
     // Four books: the cache is carried across each boundary, and a 1-token book adds nothing.
     let stream = TokenStream::new(&common::books(&[17, 1, 13, 21], VOCAB, 5), prefix, None);
     let spec = if s == 0 {
@@ -155,8 +232,8 @@ fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]
     } else {
         format!("sink:{s}+{w}")
     };
-    let got = nlls(&spec, pos_shift, &stream);
-    let oracle = Oracle::new();
+    let got = nlls_with(scheme, &spec, pos_shift, &stream);
+    let oracle = Oracle::new(scheme);
     let visible = spec_visible(s, w, pos_shift);
     let q_pos = |t: usize| visible(t).last().unwrap().1;
     let hidden = oracle.stream(&stream.fed, &visible, &q_pos);
@@ -170,7 +247,7 @@ fn check_sink_against_oracle(s: usize, w: usize, pos_shift: bool, prefix: &[u32]
         &got,
         &want,
         1e-4,
-        &format!("{spec} pos_shift={pos_shift} vs oracle"),
+        &format!("{scheme:?} {spec} pos_shift={pos_shift} vs oracle"),
     );
 }
 
@@ -208,21 +285,33 @@ fn no_pos_shift_differs_once_eviction_starts() {
     );
 }
 
-/// A naive f64 Llama over plain vectors, written from the architecture, not from the engine.
+/// A naive f64 Llama over plain vectors, written from the architecture and spec section 3b,
+/// not from the engine, in each position scheme.
 struct Oracle {
     cfg: Config,
+    scheme: Scheme,
     w: HashMap<String, Vec<f64>>,
 }
 
 type Visible<'a> = dyn Fn(usize) -> Vec<(usize, u64)> + 'a;
 
 impl Oracle {
-    fn new() -> Self {
+    fn new(scheme: Scheme) -> Self {
         let w = random_weights(&cfg(), 7)
             .into_iter()
             .map(|(name, _, data)| (name, data.into_iter().map(f64::from).collect()))
             .collect();
-        Oracle { cfg: cfg(), w }
+        Oracle {
+            cfg: cfg(),
+            scheme,
+            w,
+        }
+    }
+
+    /// MPT's ALiBi slope of `head` of 4 heads (alibi_bias_max 8): 2^-(8 (head + 1) / 4).
+    fn alibi_slope(&self, head: usize) -> f64 {
+        assert_eq!(self.cfg.n_head, 4);
+        2f64.powi(-2 * (head as i32 + 1))
     }
 
     fn get(&self, name: &str) -> &[f64] {
@@ -246,12 +335,17 @@ impl Oracle {
             .collect()
     }
 
-    /// Interleaved RoPE: pairs (2i, 2i+1) rotate by pos * theta^(-2i/hd).
+    /// Interleaved RoPE: pairs (2i, 2i+1) of the first r channels rotate by
+    /// pos * theta^(-2i/r), r = all of them or ROTARY_DIM; ALiBi rotates nothing.
     fn rope(&self, x: &[f64], pos: u64) -> Vec<f64> {
-        let hd = x.len();
+        let rotary = match self.scheme {
+            Scheme::Rope | Scheme::LayerWindow => x.len(),
+            Scheme::PartialRope => ROTARY_DIM,
+            Scheme::Alibi => 0,
+        };
         let mut out = x.to_vec();
-        for i in 0..hd / 2 {
-            let a = pos as f64 * self.cfg.rope_theta.powf(-((2 * i) as f64) / hd as f64);
+        for i in 0..rotary / 2 {
+            let a = pos as f64 * self.cfg.rope_theta.powf(-((2 * i) as f64) / rotary as f64);
             let (c, s) = (a.cos(), a.sin());
             out[2 * i] = x[2 * i] * c - x[2 * i + 1] * s;
             out[2 * i + 1] = x[2 * i] * s + x[2 * i + 1] * c;
@@ -276,7 +370,11 @@ impl Oracle {
         for (t, &tok) in fed.iter().enumerate() {
             let mut x =
                 self.get("token_embd.weight")[tok as usize * d..(tok as usize + 1) * d].to_vec();
-            let vis = visible(t);
+            let mut vis = visible(t);
+            if let Scheme::LayerWindow = self.scheme {
+                // The layer's own window, in fed tokens, sinks included (spec section 3b).
+                vis.retain(|&(j, _)| t - j < LAYER_WINDOW);
+            }
             for l in 0..c.n_layer {
                 let p = format!("blk.{l}");
                 let h = self.rms_norm(&x, &format!("{p}.attn_norm.weight"));
@@ -291,7 +389,15 @@ impl Oracle {
                         .iter()
                         .map(|&(j, pos)| {
                             let k = self.rope(&keys[l][j][kv * hd..(kv + 1) * hd], pos);
-                            qh.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
+                            let score = qh.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>()
+                                / (hd as f64).sqrt();
+                            match self.scheme {
+                                // -slope x distance, both positions as the strategy gives them.
+                                Scheme::Alibi => {
+                                    score - self.alibi_slope(head) * (q_pos(t) as f64 - pos as f64)
+                                }
+                                _ => score,
+                            }
                         })
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -163,6 +163,13 @@ impl Model {
         })
     }
 
+    /// The same blocks under another position scheme: how the spec oracle checks every
+    /// scheme's positions (tests/strategies.rs) on one tiny block.
+    pub fn with_positions(mut self, positions: super::attention::PositionScheme) -> Self {
+        self.attention.positions = positions;
+        self
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

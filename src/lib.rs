@@ -21,6 +21,8 @@ pub mod report;
 pub mod reproduce;
 pub mod run_dir;
 pub mod runner;
+pub mod shard;
+pub mod slurm;
 pub mod source;
 pub mod strategy;
 pub mod stream;

@@ -146,6 +146,8 @@ enum Command {
         corpus: Vec<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// StreamingLLM over a grid of sink counts x window sizes: grid.md, sweep.json, heatmap.png.
     Sweep {
@@ -170,6 +172,8 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         run: RunArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Re-render every experiment's table and figures under RESULTS and write RESULTS/REPRODUCTION.md.
     Report {
@@ -197,12 +201,43 @@ struct RunArgs {
     rerun_stale: bool,
 }
 
+/// Splitting the runs over a Slurm job array (see `streamppl::shard`, `streamppl::slurm`).
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Compute only shard K of N of the runs (0 <= K < N, e.g. $SLURM_ARRAY_TASK_ID/4); the same
+    /// command without --shard merges once every shard is done.
+    #[arg(long, value_name = "K/N", conflicts_with = "slurm")]
+    shard: Option<streamppl::shard::Shard>,
+    /// Submit this command as a Slurm array of N shards plus a dependent merge job.
+    #[arg(long, value_name = "N")]
+    slurm: Option<usize>,
+    /// With --slurm: print the sbatch lines instead of submitting them.
+    #[arg(long, requires = "slurm")]
+    dry_run: bool,
+    /// Folder of the job scripts shard.sbatch and merge.sbatch.
+    #[arg(long, default_value = "scripts/slurm")]
+    slurm_scripts: PathBuf,
+}
+
+impl ClusterArgs {
+    /// Submits the command to Slurm when --slurm says so; true if it did (nothing to run here).
+    fn submitted(&self) -> anyhow::Result<bool> {
+        let Some(shards) = self.slurm else {
+            return Ok(false);
+        };
+        let args: Vec<String> = std::env::args().collect();
+        streamppl::slurm::submit(&self.slurm_scripts, shards, &args, self.dry_run)?;
+        Ok(true)
+    }
+}
+
 impl RunArgs {
     fn policy(&self) -> RunPolicy {
         RunPolicy {
             checkpoint_every: std::time::Duration::from_secs(self.checkpoint_every),
             rerun: self.rerun,
             rerun_stale: self.rerun_stale,
+            wait_for_lock: false,
         }
     }
 }
@@ -416,7 +451,11 @@ fn run(cli: Cli) -> Result<()> {
             model,
             corpus,
             run,
+            cluster,
         } => {
+            if cluster.submitted()? {
+                return Ok(());
+            }
             let names = if names.iter().any(|n| n == "all") {
                 all_names(&experiments)?
             } else {
@@ -430,6 +469,7 @@ fn run(cli: Cli) -> Result<()> {
                 model,
                 corpus,
                 policy: run.policy(),
+                shard: cluster.shard,
             })?;
         }
         Command::Sweep {
@@ -441,7 +481,11 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             out,
             run,
+            cluster,
         } => {
+            if cluster.submitted()? {
+                return Ok(());
+            }
             let grid = sweep(&SweepJob {
                 model,
                 corpus,
@@ -451,8 +495,11 @@ fn run(cli: Cli) -> Result<()> {
                 max_tokens: Some(max_tokens),
                 out,
                 policy: run.policy(),
+                shard: cluster.shard,
             })?;
-            print!("{}", std::fs::read_to_string(&grid)?);
+            if let Some(grid) = grid {
+                print!("{}", std::fs::read_to_string(&grid)?);
+            }
         }
         Command::Report { results } => {
             let path = streamppl::report::write_reproduction(&results)?;

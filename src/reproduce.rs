@@ -7,6 +7,7 @@
 //! configuration fingerprint), so `table6` reuses `table2`'s `4+2044` and `ablation` reuses
 //! `table1`'s runs.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -21,8 +22,9 @@ use crate::records::run::RunRecord;
 use crate::run_dir::check_log;
 use crate::runner::{
     LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, progress_bar,
-    run_one, versions,
+    run_each_once, run_one, versions,
 };
+use crate::shard::{Shard, estimated_cost, partition};
 use crate::strategy::Strategy;
 
 pub struct ReproduceJob {
@@ -37,6 +39,9 @@ pub struct ReproduceJob {
     pub model: PathBuf,
     pub corpus: Vec<PathBuf>,
     pub policy: RunPolicy,
+    /// Compute only this shard's runs (see [`crate::shard`]): no tables, which the same
+    /// command without a shard writes once every shard is done.
+    pub shard: Option<Shard>,
 }
 
 /// Names of every experiment file in `dir`, sorted; an error naming the fix when there is none.
@@ -88,6 +93,7 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
             Experiment::load(&path)
         })
         .collect::<Result<Vec<_>>>()?;
+    let owners = shard_owners(&experiments, job)?;
     let lm = load_model(&job.model, &Device::Cpu)?;
     let mut dirs = Vec::new();
     for exp in &experiments {
@@ -101,9 +107,25 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
         );
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create output folder", dir.display()))?;
+        if let Some(shard) = job.shard {
+            let mine =
+                |unit: &str| owners.get(&format!("{}/{unit}", exp.name)) == Some(&shard.index);
+            match exp.kind {
+                Kind::Runs => {
+                    run_experiment(&lm, exp, job, &dir, &mine)?;
+                }
+                Kind::Latency if mine(LATENCY_UNIT) => {
+                    // Measured by one shard, kept for the merge (timings are not rerun there).
+                    let points = run_latency(&lm, exp, job)?;
+                    LatencyPoint::write_json(&points, &dir.join(LATENCY_FILE))?;
+                }
+                Kind::Latency => {}
+            }
+            continue;
+        }
         let (runs, latency) = match exp.kind {
-            Kind::Runs => (run_experiment(&lm, exp, job, &dir)?, Vec::new()),
-            Kind::Latency => (Vec::new(), run_latency(&lm, exp, job)?),
+            Kind::Runs => (run_experiment(&lm, exp, job, &dir, &|_| true)?, Vec::new()),
+            Kind::Latency => (Vec::new(), merged_or_measured_latency(&lm, exp, job, &dir)?),
         };
         let record = ExperimentRecord {
             experiment: exp.clone(),
@@ -121,44 +143,100 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
         eprintln!("   wrote {}", dir.join("table.md").display());
         dirs.push(dir);
     }
+    if let Some(shard) = job.shard {
+        eprintln!(
+            "shard {shard} done; the same command without --shard writes the tables once every shard is"
+        );
+    }
     Ok(dirs)
 }
 
+/// A latency experiment is one unit of work for sharding (its timings belong together).
+const LATENCY_UNIT: &str = "latency";
+/// Where a shard leaves a latency experiment's points for the merge.
+const LATENCY_FILE: &str = "latency-shard.json";
+
+/// The shard of every unit of work, `EXPERIMENT/RUN` (or `EXPERIMENT/latency`), balanced by
+/// estimated cost; empty without `--shard`.
+fn shard_owners(experiments: &[Experiment], job: &ReproduceJob) -> Result<HashMap<String, usize>> {
+    let Some(shard) = job.shard else {
+        return Ok(HashMap::new());
+    };
+    let mut units = Vec::new();
+    for exp in experiments {
+        match exp.kind {
+            Kind::Runs => {
+                for run in exp.resolve(job.scale)? {
+                    // Without --max-tokens a run scores the whole corpus: cost it as 1M tokens.
+                    let tokens = run.options.max_tokens.unwrap_or(1 << 20);
+                    let name = format!("{}/{}", exp.name, run.options.run_name());
+                    units.push((name, estimated_cost(&run.options, tokens)));
+                }
+            }
+            Kind::Latency => {
+                let tokens: usize = exp.latency_caches(job.scale)?.iter().sum();
+                let cost = estimated_cost(&EvalOptions::new(Strategy::Dense), tokens as u64);
+                units.push((format!("{}/{LATENCY_UNIT}", exp.name), cost));
+            }
+        }
+    }
+    let owners = partition(&units, shard.count);
+    Ok(units
+        .into_iter()
+        .map(|(name, _)| name)
+        .zip(owners)
+        .collect())
+}
+
+/// A latency experiment's points: those a shard measured, else measured now.
+fn merged_or_measured_latency(
+    lm: &LoadedModel,
+    exp: &Experiment,
+    job: &ReproduceJob,
+    dir: &Path,
+) -> Result<Vec<LatencyPoint>> {
+    let shard_file = dir.join(LATENCY_FILE);
+    if shard_file.is_file() && !job.policy.rerun {
+        eprintln!("   latency measured by a shard: {}", shard_file.display());
+        return LatencyPoint::read_json(&shard_file);
+    }
+    run_latency(lm, exp, job)
+}
+
+/// Runs the experiment's runs for which `mine(run name)` holds (all, without a shard).
 fn run_experiment(
     lm: &LoadedModel,
     exp: &Experiment,
     job: &ReproduceJob,
     dir: &Path,
+    mine: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<RunEntry>> {
-    let runs = exp.resolve(job.scale)?;
+    let runs: Vec<_> = (exp.resolve(job.scale)?)
+        .into_iter()
+        .filter(|r| mine(&r.options.run_name()))
+        .collect();
     let options: Vec<_> = runs.iter().map(|r| r.options.clone()).collect();
     let corpus = load_tokenized(lm, &job.corpus, exp.books.as_deref(), &options)?;
-    let mut entries = Vec::new();
-    let mut stale = 0;
-    for run in &runs {
-        let name = run.options.run_name();
-        let run_dir = dir.join(&name);
-        if !job.policy.rerun {
-            let stream = stream_for(&lm.tokenizer, &corpus, &run.options)?;
-            let fp = fingerprint(&run.options, &lm.info.sha256, &stream, numerics_epoch());
+    let finished = run_each_once(runs.len(), &job.policy, |i, policy| {
+        let options = &runs[i].options;
+        let run_dir = dir.join(options.run_name());
+        if !policy.rerun {
+            let stream = stream_for(&lm.tokenizer, &corpus, options)?;
+            let fp = fingerprint(options, &lm.info.sha256, &stream, numerics_epoch());
             reuse_finished(&run_dir, &fp, dir.parent())?;
         }
-        let finished = run_one(
-            lm,
-            &corpus,
-            &job.corpus,
-            &run.options,
-            &run_dir,
-            &job.policy,
-        )?;
-        if finished.status == RunStatus::Stale {
-            stale += 1;
-        }
-        entries.push(RunEntry {
+        run_one(lm, &corpus, &job.corpus, options, &run_dir, policy)
+    })?;
+    let stale = (finished.iter())
+        .filter(|f| f.status == RunStatus::Stale)
+        .count();
+    let entries = runs
+        .iter()
+        .map(|run| RunEntry {
             id: run.id.clone(),
-            dir: name,
-        });
-    }
+            dir: run.options.run_name(),
+        })
+        .collect();
     if stale > 0 {
         eprintln!(
             "   {stale} stale run(s) kept in {} (computed by another numerics epoch); `--rerun-stale` recomputes them",

@@ -23,9 +23,28 @@ pub struct RunLock {
     finished: bool,
 }
 
+/// Another process holds a run folder's lock: it is computing that run right now.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{dir}: another streamppl process is writing this run (it holds {lock}); wait for it, or give another --out"
+)]
+pub struct RunLocked {
+    pub dir: PathBuf,
+    pub lock: PathBuf,
+}
+
 impl RunLock {
-    /// Creates `dir` if needed and locks it; a one-line error when another process holds it.
+    /// Creates `dir` if needed and locks it; a [`RunLocked`] error when another process holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {
+        Self::lock(dir, false)
+    }
+
+    /// Like [`RunLock::acquire`], but waits for another process to let go of the folder.
+    pub fn acquire_waiting(dir: &Path) -> Result<Self> {
+        Self::lock(dir, true)
+    }
+
+    fn lock(dir: &Path, wait: bool) -> Result<Self> {
         if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
             bail!(
                 "{}: is a file, not a folder; give --out a folder",
@@ -35,36 +54,54 @@ impl RunLock {
         let made_dir = !dir.exists();
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create the run folder", dir.display()))?;
-        let path = dir.join(LOCK);
-        let file = File::create(&path)
-            .with_context(|| format!("{}: cannot create the lock file", path.display()))?;
         let mut lock = RunLock {
             dir: dir.to_path_buf(),
             file: None,
             made_dir,
             finished: false,
         };
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                lock.finished = true; // the folder is the other process's: leave it be
-                bail!(
-                    "{}: another streamppl process is writing this run (it holds {}); wait for it, or give another --out",
-                    dir.display(),
-                    path.display()
-                )
+        let path = dir.join(LOCK);
+        loop {
+            let file = File::create(&path)
+                .with_context(|| format!("{}: cannot create the lock file", path.display()))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) if wait => file
+                    .lock()
+                    .with_context(|| format!("{}: cannot lock", path.display()))?,
+                Err(TryLockError::WouldBlock) => {
+                    lock.finished = true; // the folder is the other process's: leave it be
+                    return Err(RunLocked {
+                        dir: dir.into(),
+                        lock: path,
+                    }
+                    .into());
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+                }
             }
-            Err(TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("{}: cannot lock", path.display()));
+            // The holder we waited for removed its lock file before letting go, and a third
+            // process may have made a new one since: hold the lock only on the file in place.
+            if is_same_file(&file, &path) {
+                lock.file = Some(file);
+                return Ok(lock);
             }
         }
-        lock.file = Some(file);
-        Ok(lock)
     }
 
     /// Marks the run as ended well: the folder stays whatever it holds.
     pub fn finish(mut self) {
         self.finished = true;
+    }
+}
+
+/// Whether the open `file` is the one now at `path`.
+fn is_same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::records::memory::write_csv;
 use crate::records::run::{
     CorpusInfo, ModelDetails, ModelInfo, RUN_SCHEMA, RunOptionsRecord, RunRecord, Versions,
 };
-use crate::run_dir::{Existing, RunIdentity, RunLock, discard_contents, existing_run};
+use crate::run_dir::{Existing, RunIdentity, RunLock, RunLocked, discard_contents, existing_run};
 use crate::source::{HfModelFiles, HubSettings, ModelFiles, resolve_model};
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
@@ -212,6 +212,8 @@ pub struct RunPolicy {
     pub rerun: bool,
     /// Recompute finished runs of another numerics epoch (else they are kept and reported).
     pub rerun_stale: bool,
+    /// Wait for a run another process is computing (then reuse it), instead of failing.
+    pub wait_for_lock: bool,
 }
 
 impl RunPolicy {
@@ -220,8 +222,44 @@ impl RunPolicy {
             checkpoint_every,
             rerun: false,
             rerun_stale: false,
+            wait_for_lock: false,
         }
     }
+}
+
+/// Runs `count` runs in order with `run(i, policy)`. A run another process is computing right
+/// now (its folder locked) is skipped, said on stderr, and collected at the end by waiting for
+/// that process and reusing its result: processes sharing an output folder compute each run
+/// once, and each ends with every result.
+pub fn run_each_once<T>(
+    count: usize,
+    policy: &RunPolicy,
+    mut run: impl FnMut(usize, &RunPolicy) -> Result<T>,
+) -> Result<Vec<T>> {
+    let mut results: Vec<Option<T>> = (0..count).map(|_| None).collect();
+    let mut locked = Vec::new();
+    for (i, slot) in results.iter_mut().enumerate() {
+        match run(i, policy) {
+            Ok(done) => *slot = Some(done),
+            Err(e) if e.downcast_ref::<RunLocked>().is_some() => {
+                eprintln!("skipped for now: {e}");
+                locked.push(i);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let waiting = RunPolicy {
+        wait_for_lock: true,
+        rerun: false,
+        ..*policy
+    };
+    for i in locked {
+        results[i] = Some(run(i, &waiting)?);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every run done"))
+        .collect())
 }
 
 /// How a run's numbers came to be in its folder.
@@ -319,7 +357,10 @@ pub fn run_one(
     policy: &RunPolicy,
 ) -> Result<FinishedRun> {
     let stream = stream_for(&lm.tokenizer, corpus, opts)?;
-    let lock = RunLock::acquire(dir)?;
+    let lock = match policy.wait_for_lock {
+        true => RunLock::acquire_waiting(dir)?,
+        false => RunLock::acquire(dir)?,
+    };
     if policy.rerun {
         discard_contents(dir)?;
     }
@@ -377,6 +418,8 @@ pub fn run_one(
         identity,
         corpus_info,
     };
+    // One line per computed run: what a shared output folder's processes can be audited by.
+    eprintln!("{:<28} computing -> {}", opts.run_name(), dir.display());
     let record = compute(lm, corpus, opts, dir, &stream, policy, planned)?;
     lock.finish();
     Ok(FinishedRun {

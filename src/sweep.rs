@@ -10,7 +10,10 @@ use candle_core::Device;
 use crate::eval::EvalOptions;
 use crate::records::sweep::{SweepCell, SweepRecord};
 use crate::report::render_sweep;
-use crate::runner::{RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, run_one};
+use crate::runner::{
+    RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, run_each_once, run_one,
+};
+use crate::shard::{Shard, estimated_cost, partition};
 use crate::strategy::Strategy;
 
 pub struct SweepJob {
@@ -22,10 +25,14 @@ pub struct SweepJob {
     pub max_tokens: Option<u64>,
     pub out: PathBuf,
     pub policy: RunPolicy,
+    /// Compute only this shard's cells (see [`crate::shard`]); the grid is written by a run
+    /// without a shard once every shard is done.
+    pub shard: Option<Shard>,
 }
 
-/// Runs every cell (sinks-major order), then writes the grid files; returns `grid.md`'s path.
-pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
+/// Runs every cell (sinks-major order), then writes the grid files; returns `grid.md`'s path,
+/// or with a shard, computes its cells only and returns `None`.
+pub fn sweep(job: &SweepJob) -> Result<Option<PathBuf>> {
     if job.sinks.is_empty() || job.windows.is_empty() {
         bail!(
             "--sinks and --windows each need at least one value, e.g. --sinks 0,4 --windows 252,1020"
@@ -50,12 +57,55 @@ pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
     }
     let lm = load_model(&job.model, &Device::Cpu)?;
     let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &opts)?;
+    if let Some(shard) = job.shard {
+        let scored: u64 = corpus
+            .ids
+            .iter()
+            .map(|b| b.len().saturating_sub(1) as u64)
+            .sum();
+        let costs: Vec<(String, f64)> = (opts.iter())
+            .map(|o| {
+                (
+                    o.run_name(),
+                    estimated_cost(o, o.max_tokens.unwrap_or(scored).min(scored)),
+                )
+            })
+            .collect();
+        let owner = partition(&costs, shard.count);
+        let mine: Vec<&EvalOptions> = (opts.iter().zip(&owner))
+            .filter(|(_, s)| shard.owns(**s))
+            .map(|(o, _)| o)
+            .collect();
+        eprintln!("shard {shard}: {} of the {} cells", mine.len(), opts.len());
+        run_each_once(mine.len(), &job.policy, |i, policy| {
+            run_one(
+                &lm,
+                &corpus,
+                &job.corpus,
+                mine[i],
+                &job.out.join(mine[i].run_name()),
+                policy,
+            )
+        })?;
+        eprintln!(
+            "shard {shard} done; the same command without --shard writes the grid once every shard is"
+        );
+        return Ok(None);
+    }
+    let finished = run_each_once(opts.len(), &job.policy, |i, policy| {
+        eprintln!("cell {}/{}: {}", i + 1, opts.len(), opts[i].strategy);
+        run_one(
+            &lm,
+            &corpus,
+            &job.corpus,
+            &opts[i],
+            &job.out.join(opts[i].run_name()),
+            policy,
+        )
+    })?;
     let mut cells = Vec::new();
     let mut stale = 0;
-    for (i, o) in opts.iter().enumerate() {
-        let dir = job.out.join(o.run_name());
-        eprintln!("cell {}/{}: {}", i + 1, opts.len(), o.strategy);
-        let finished = run_one(&lm, &corpus, &job.corpus, o, &dir, &job.policy)?;
+    for (o, finished) in opts.iter().zip(finished) {
         stale += usize::from(finished.status == RunStatus::Stale);
         let rec = finished.record;
         let Strategy::Sink { sinks, window } = o.strategy else {
@@ -86,7 +136,7 @@ pub fn sweep(job: &SweepJob) -> Result<PathBuf> {
             "{stale} stale cell(s) kept (computed by another numerics epoch); `--rerun-stale` recomputes them"
         );
     }
-    render_sweep(&job.out)
+    render_sweep(&job.out).map(Some)
 }
 
 /// The values in their first order, each once (`--sinks 4,4` is one row).

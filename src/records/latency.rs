@@ -22,3 +22,14 @@ pub struct LatencyPoint {
     #[serde(with = "float::option", default)]
     pub peak_rss_mib: Option<f64>,
 }
+
+impl LatencyPoint {
+    /// Writes `points` as a JSON array (a shard's measurements, kept for the merge).
+    pub fn write_json(points: &[LatencyPoint], path: &std::path::Path) -> anyhow::Result<()> {
+        super::write_json(&points, path)
+    }
+
+    pub fn read_json(path: &std::path::Path) -> anyhow::Result<Vec<LatencyPoint>> {
+        super::read_json(path, "latency shard record")
+    }
+}

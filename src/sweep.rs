@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use candle_core::Device;
 
-use crate::eval::EvalOptions;
+use crate::eval::{EvalOptions, TokenizedCorpus};
 use crate::records::sweep::{SweepCell, SweepRecord};
 use crate::report::render_sweep;
 use crate::runner::{
-    RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, run_each_once, run_one,
+    LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, run_each_once,
+    run_one,
 };
 use crate::shard::{Shard, estimated_cost, partition};
 use crate::strategy::Strategy;
@@ -58,39 +59,7 @@ pub fn sweep(job: &SweepJob) -> Result<Option<PathBuf>> {
     let lm = load_model(&job.model, &Device::Cpu)?;
     let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &opts)?;
     if let Some(shard) = job.shard {
-        let scored: u64 = corpus
-            .ids
-            .iter()
-            .map(|b| b.len().saturating_sub(1) as u64)
-            .sum();
-        let costs: Vec<(String, f64)> = (opts.iter())
-            .map(|o| {
-                (
-                    o.run_name(),
-                    estimated_cost(o, o.max_tokens.unwrap_or(scored).min(scored)),
-                )
-            })
-            .collect();
-        let owner = partition(&costs, shard.count);
-        let mine: Vec<&EvalOptions> = (opts.iter().zip(&owner))
-            .filter(|(_, s)| shard.owns(**s))
-            .map(|(o, _)| o)
-            .collect();
-        eprintln!("shard {shard}: {} of the {} cells", mine.len(), opts.len());
-        run_each_once(mine.len(), &job.policy, |i, policy| {
-            run_one(
-                &lm,
-                &corpus,
-                &job.corpus,
-                mine[i],
-                &job.out.join(mine[i].run_name()),
-                policy,
-            )
-        })?;
-        eprintln!(
-            "shard {shard} done; the same command without --shard writes the grid once every shard is"
-        );
-        return Ok(None);
+        return run_shard(job, shard, &lm, &corpus, &opts).map(|()| None);
     }
     let finished = run_each_once(opts.len(), &job.policy, |i, policy| {
         eprintln!("cell {}/{}: {}", i + 1, opts.len(), opts[i].strategy);
@@ -137,6 +106,39 @@ pub fn sweep(job: &SweepJob) -> Result<Option<PathBuf>> {
         );
     }
     render_sweep(&job.out).map(Some)
+}
+
+/// Computes the cells of `shard` (see [`crate::shard`]), balanced by their estimated cost.
+fn run_shard(
+    job: &SweepJob,
+    shard: Shard,
+    lm: &LoadedModel,
+    corpus: &TokenizedCorpus,
+    opts: &[EvalOptions],
+) -> Result<()> {
+    let scored: u64 = (corpus.ids.iter())
+        .map(|b| b.len().saturating_sub(1) as u64)
+        .sum();
+    let costs: Vec<(String, f64)> = (opts.iter())
+        .map(|o| {
+            let tokens = o.max_tokens.unwrap_or(scored).min(scored);
+            (o.run_name(), estimated_cost(o, tokens))
+        })
+        .collect();
+    let owner = partition(&costs, shard.count);
+    let mine: Vec<&EvalOptions> = (opts.iter().zip(&owner))
+        .filter(|(_, s)| shard.owns(**s))
+        .map(|(o, _)| o)
+        .collect();
+    eprintln!("shard {shard}: {} of the {} cells", mine.len(), opts.len());
+    run_each_once(mine.len(), &job.policy, |i, policy| {
+        let dir = job.out.join(mine[i].run_name());
+        run_one(lm, corpus, &job.corpus, mine[i], &dir, policy)
+    })?;
+    eprintln!(
+        "shard {shard} done; the same command without --shard writes the grid once every shard is"
+    );
+    Ok(())
 }
 
 /// The values in their first order, each once (`--sinks 4,4` is one row).

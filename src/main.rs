@@ -66,6 +66,9 @@ enum Command {
         /// Score only every k-th token (positions 0, k, 2k, ...): makes exact recompute:W affordable; reported as a sample with its 95% interval.
         #[arg(long)]
         score_every: Option<u64>,
+        /// cpu, or cuda[:N] in a binary built with the `cuda` feature (f32 on every device).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -348,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
             engine,
             block_size,
             score_every,
+            device,
         } => {
             let block_size = check_block_size(block_size)?;
             let sink_text = sink_text
@@ -386,6 +390,7 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 out,
                 policy: run.policy(),
+                device: streamppl::runner::parse_device(&device)?,
             })?;
             for run in &finished {
                 println!("{}", summary_line(run));

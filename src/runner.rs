@@ -81,6 +81,32 @@ pub fn load_tokenizer(spec: &Path) -> Result<TextTokenizer> {
     )?)
 }
 
+/// The device `--device` names: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`; a one-line error that
+/// says how to build for CUDA, or which devices exist.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let ordinal = match spec {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    let Some(ordinal) = ordinal else {
+        bail!("--device {spec}: give cpu, cuda or cuda:N");
+    };
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "--device {spec}: this streamppl was built without CUDA; build it with `cargo build --release --features cuda` (a CUDA toolkit is needed), or use --device cpu"
+        );
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        anyhow::anyhow!(
+            "--device {spec}: no such CUDA device ({}); check nvidia-smi, or use --device cpu",
+            crate::one_line(e)
+        )
+    })
+}
+
 /// `cpu`, `cuda:0`, ... for records.
 pub fn device_name(device: &Device) -> String {
     match device.location() {
@@ -201,6 +227,7 @@ pub struct EvalJob {
     pub runs: Vec<EvalOptions>,
     pub out: PathBuf,
     pub policy: RunPolicy,
+    pub device: Device,
 }
 
 /// How `run_one` treats what a run folder already holds, and how often it checkpoints.
@@ -284,8 +311,7 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<FinishedRun>> {
     for opts in &job.runs {
         opts.validate()?;
     }
-    let device = Device::Cpu;
-    let lm = load_model(&job.model, &device)?;
+    let lm = load_model(&job.model, &job.device)?;
     let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &job.runs)?;
     job.runs
         .iter()

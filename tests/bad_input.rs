@@ -364,6 +364,15 @@ const CASES: &[(&str, &str)] = &[
         "nosuch-org/nosuch-model",
     ),
     ("info nosuch-org/nosuch-model@v2", "hub"),
+    // 10. Devices.
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --device cuda",
+        "built without CUDA; build it with `cargo build --release --features cuda`",
+    ),
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --device gpu",
+        "--device gpu: give cpu, cuda or cuda:N",
+    ),
     // The real model's tokenizer: a text of several tokens as sinks of another count.
     (
         "eval --model {model} --corpus {books} --strategy sink:4+8 --sink-text 'Of Mans First'",

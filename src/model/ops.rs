@@ -45,7 +45,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: PairLayout) -> Resul
         PairLayout::HalfSplit => candle_nn::rotary_emb::rope(&head, cos, sin)?,
     };
     let rotated = match rotary < hd {
-        true => Tensor::cat(&[rotated, x4.narrow(3, rotary, hd - rotary)?], 3)?,
+        // candle concatenates on a last axis through transposes: make the result contiguous
+        // for the matmuls after it.
+        true => Tensor::cat(&[rotated, x4.narrow(3, rotary, hd - rotary)?], 3)?.contiguous()?,
         false => rotated,
     };
     rotated.squeeze(0)
@@ -57,7 +59,7 @@ pub fn masked_softmax(parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor>
     if parts[0].device().is_cpu() {
         return kernels::masked_softmax(parts, mask);
     }
-    let scores = Tensor::cat(parts, D::Minus1)?;
+    let scores = Tensor::cat(parts, D::Minus1)?.contiguous()?;
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,

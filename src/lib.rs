@@ -38,3 +38,15 @@ pub(crate) fn one_line(message: impl std::fmt::Display) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// The first line of an error message, trimmed (candle appends a backtrace to some errors when
+/// RUST_BACKTRACE is set).
+pub(crate) fn first_line(message: impl std::fmt::Display) -> String {
+    message
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}

@@ -102,11 +102,11 @@ impl PositionScheme {
 }
 
 /// The positions of one forward pass, made ready for its layers (tables built once, not per layer).
-pub(crate) struct Placement {
-    q_pos: Vec<u64>,
-    k_pos: Vec<u64>,
+pub(crate) struct Placement<'p> {
+    q_pos: &'p [u64],
+    k_pos: &'p [u64],
     /// The sink key count and the queries' positions for scoring them.
-    sink_q_pos: Option<(usize, Vec<u64>)>,
+    sink_q_pos: Option<(usize, &'p [u64])>,
     rope: Option<RopeTables>,
 }
 
@@ -128,21 +128,21 @@ pub struct Attention {
 
 impl Attention {
     /// Prepares query positions `q_pos`, key positions `k_pos` and the optional sink positions.
-    pub(crate) fn place(
+    pub(crate) fn place<'p>(
         &self,
-        q_pos: &[u64],
-        k_pos: &[u64],
-        sinks: Option<&SinkRotation>,
+        q_pos: &'p [u64],
+        k_pos: &'p [u64],
+        sinks: Option<&'p SinkRotation>,
         device: &Device,
-    ) -> Result<Placement> {
+    ) -> Result<Placement<'p>> {
         let sink_q_pos = sinks
             .filter(|s| s.n_keys > 0)
-            .map(|s| (s.n_keys, s.q_pos.clone()));
+            .map(|s| (s.n_keys, s.q_pos.as_slice()));
         let rope = match &self.positions {
             PositionScheme::Rope(rope) => Some(RopeTables {
                 q: rope.cos_sin(q_pos, device)?,
                 k: rope.cos_sin(k_pos, device)?,
-                sink_q: match &sink_q_pos {
+                sink_q: match sink_q_pos {
                     Some((_, pos)) => Some(rope.cos_sin(pos, device)?),
                     None => None,
                 },
@@ -150,8 +150,8 @@ impl Attention {
             PositionScheme::Alibi { .. } => None,
         };
         Ok(Placement {
-            q_pos: q_pos.to_vec(),
-            k_pos: k_pos.to_vec(),
+            q_pos,
+            k_pos,
             sink_q_pos,
             rope,
         })
@@ -165,7 +165,7 @@ impl Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        at: &Placement,
+        at: &Placement<'_>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (nh, t, hd) = q.dims3()?;
@@ -177,10 +177,13 @@ impl Attention {
         let tables = at.rope.as_ref();
         let k = rotate(k, tables.map(|r| &r.k))?;
         let q_main = rotate(q, tables.map(|r| &r.q))?; // (nh, T, hd)
-        let q_sink = match &at.sink_q_pos {
-            Some((n_sink, _)) => {
-                Some((*n_sink, rotate(q, tables.and_then(|r| r.sink_q.as_ref()))?))
-            }
+        // The sink key count, the queries' sink positions, and the queries placed there.
+        let q_sink = match at.sink_q_pos {
+            Some((n_sink, pos)) => Some((
+                n_sink,
+                pos,
+                rotate(q, tables.and_then(|r| r.sink_q.as_ref()))?,
+            )),
             None => None,
         };
         // Query tiles keep the (heads, tile, keys) scores near SCORE_BUDGET floats.
@@ -195,8 +198,7 @@ impl Attention {
             let parts = match &q_sink {
                 // Sinks are scored by the queries at their sink positions, recent keys by the
                 // queries at their own positions; both go into ONE softmax.
-                Some((n_sink, q_sink)) => {
-                    let sink_pos = &at.sink_q_pos.as_ref().expect("sinks placed").1;
+                Some((n_sink, sink_pos, q_sink)) => {
                     vec![
                         self.part_scores(
                             &q_sink.narrow(1, start, tq)?,
@@ -210,7 +212,7 @@ impl Attention {
                         )?,
                     ]
                 }
-                None => vec![self.part_scores(&q_main, &k, (&at.q_pos[rows], &at.k_pos))?],
+                None => vec![self.part_scores(&q_main, &k, (&at.q_pos[rows], at.k_pos))?],
             }; // each (nh, tq, keys of the part)
             let probs = ops::masked_softmax(&parts, mask.as_ref())?; // (nh, tq, n_keys)
             outs.push(self.grouped(&probs, |p| p.matmul(v))?); // (nh, tq, hd)

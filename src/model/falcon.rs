@@ -51,18 +51,22 @@ fn yes() -> bool {
     true
 }
 
-/// KV head count and the fused QKV's row layout: (groups, roles of each group's row blocks).
-fn qkv_layout(c: &Config) -> (usize, usize, Vec<usize>) {
+/// The KV head count, which is also the number of row groups of the fused QKV, and the roles
+/// (0 = q, 1 = k, 2 = v) of each group's row blocks.
+fn qkv_layout(c: &Config) -> (usize, Vec<usize>) {
     let nh = c.num_attention_heads;
     if c.new_decoder_architecture {
         let nkv = c.num_kv_heads.unwrap_or(nh);
-        let per_group = nh / nkv;
-        let roles = std::iter::repeat_n(0, per_group).chain([1, 2]).collect();
-        (nkv, nkv, roles)
+        // (0 KV heads is refused by the caller's check.)
+        let per_group = nh.checked_div(nkv).unwrap_or(0);
+        (
+            nkv,
+            std::iter::repeat_n(0, per_group).chain([1, 2]).collect(),
+        )
     } else if c.multi_query {
-        (1, 1, std::iter::repeat_n(0, nh).chain([1, 2]).collect())
+        (1, std::iter::repeat_n(0, nh).chain([1, 2]).collect())
     } else {
-        (nh, nh, vec![0, 1, 2])
+        (nh, vec![0, 1, 2])
     }
 }
 
@@ -76,7 +80,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
         ));
     }
     let (d, nh) = (c.hidden_size, c.num_attention_heads);
-    let (nkv, groups, roles) = qkv_layout(&c);
+    let (nkv, roles) = qkv_layout(&c);
     if nh == 0 || !d.is_multiple_of(nh) || nkv == 0 || !nh.is_multiple_of(nkv) {
         anyhow::bail!(
             "invalid model config: hidden_size {d}, num_attention_heads {nh}, num_kv_heads {nkv}: heads must divide the width and KV heads the heads"
@@ -96,7 +100,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
                 d,
                 c.bias,
             )?;
-            let [q, k, v] = unfuse(&fused, groups, hd, &roles)?;
+            let [q, k, v] = unfuse(&fused, nkv, hd, &roles)?;
             let (attn_norm, residual) = if two_norms {
                 let mlp_norm = layer_norm(&vb, &p("ln_mlp"), d, eps, true)?;
                 (

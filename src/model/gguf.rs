@@ -321,17 +321,9 @@ fn check_tensor_shapes(
 }
 
 fn bad(path: &str, e: impl std::fmt::Display) -> ModelError {
-    // candle appends a backtrace to some errors when RUST_BACKTRACE is set: keep the message.
-    let why = e
-        .to_string()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
     ModelError::Corrupt {
         path: path.into(),
-        why,
+        why: crate::first_line(e),
     }
 }
 

@@ -31,7 +31,7 @@ pub fn load_hf(config: &Path, weights: &[PathBuf], device: &Device) -> Result<Mo
             anyhow!(
                 "{}: cannot read the weights ({})",
                 folder(config),
-                first_line(&e)
+                crate::first_line(&e)
             )
         },
     )?;
@@ -46,7 +46,7 @@ pub fn load_hf(config: &Path, weights: &[PathBuf], device: &Device) -> Result<Mo
         ),
     };
     model.map_err(|e| {
-        let why = first_line(&e);
+        let why = crate::first_line(&e);
         let hint = match why.contains("shape mismatch") {
             true => "; config.json and the weights disagree (a different checkpoint's shards or an edited config)",
             false => "",
@@ -67,16 +67,6 @@ fn model_type(config_json: &str) -> Result<String> {
 
 fn folder(config: &Path) -> String {
     config.parent().unwrap_or(config).display().to_string()
-}
-
-/// The first line of an error chain (candle adds backtraces to some errors).
-fn first_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 /// An error for a config value streamppl does not implement, naming what it does.

@@ -239,7 +239,7 @@ impl Naming {
     fn interleaved(self, rows: Linear, heads: usize, head_dim: usize) -> Result<Linear> {
         match self {
             Naming::Gguf => Ok(rows),
-            Naming::HuggingFace => interleave_pairs(&rows, heads, head_dim, head_dim),
+            Naming::HuggingFace => interleave_pairs(&rows, heads, head_dim),
         }
     }
 }

@@ -82,29 +82,15 @@ pub fn unfuse(fused: &Linear, groups: usize, block: usize, roles: &[usize]) -> R
     Ok([part(0)?, part(1)?, part(2)?])
 }
 
-/// The rows of a RoPE projection of `heads` heads, `head_dim` rows each, whose first
-/// `rotary_dim` rows per head rotate in half-split pairs (row i with row i + rotary_dim/2),
-/// reordered so pairs are adjacent (rows 2i, 2i+1), the order of GGUF and the interleaved
-/// kernel. The other rows of each head stay where they are.
-pub fn interleave_pairs(
-    rows: &Linear,
-    heads: usize,
-    head_dim: usize,
-    rotary_dim: usize,
-) -> Result<Linear> {
-    let half = rotary_dim / 2;
-    // A weight (rows, cols) or a bias (rows) keeps its shape.
+/// The rows of a RoPE projection of `heads` heads, `head_dim` rows each, in half-split pairs
+/// (row i with row i + head_dim/2), reordered so pairs are adjacent (rows 2i, 2i+1): the order
+/// of GGUF and the interleaved kernel. A weight (rows, cols) or a bias (rows) keeps its shape.
+pub fn interleave_pairs(rows: &Linear, heads: usize, head_dim: usize) -> Result<Linear> {
     let reorder = |t: &Tensor| -> Result<Tensor> {
         let shape = t.dims().to_vec();
         let cols = t.elem_count() / (heads * head_dim);
-        let t = t.reshape((heads, head_dim, cols))?;
-        let rotary = t
-            .narrow(1, 0, rotary_dim)?
-            .reshape((heads, 2, half, cols))?
+        t.reshape((heads, 2, head_dim / 2, cols))?
             .transpose(1, 2)?
-            .reshape((heads, rotary_dim, cols))?;
-        let rest = t.narrow(1, rotary_dim, head_dim - rotary_dim)?;
-        Tensor::cat(&[rotary, rest], 1)?
             .contiguous()?
             .reshape(shape)
     };

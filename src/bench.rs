@@ -10,7 +10,7 @@ use crate::corpus::load_corpora;
 use crate::engine::EngineKind;
 use crate::eval::{EvalOptions, TokenizedCorpus};
 use crate::records::bench::{BenchReport, Machine, Measurement};
-use crate::runner::{LoadedModel, RunPolicy, load_model, progress_bar, run_one, versions};
+use crate::runner::{Compute, LoadedModel, RunPolicy, load_model, progress_bar, run_one, versions};
 
 /// Token counts of each measurement.
 #[derive(Debug, Clone)]
@@ -72,9 +72,10 @@ pub fn run_bench(
     sizes: &BenchSizes,
     block_size: usize,
     out_dir: &Path,
+    compute: &Compute,
 ) -> Result<BenchReport> {
     let machine = machine();
-    let lm = load_model(model, &candle_core::Device::Cpu)?;
+    let lm = load_model(model, compute)?;
     let longest = sizes.flat_memory[1].max(sizes.engines);
     let books = load_corpora(corpus)?;
     let bar = progress_bar(books.len() as u64, "tokenizing", "books");

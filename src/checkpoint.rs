@@ -422,6 +422,6 @@ fn read_kv(path: &Path, saved: &KvState, model: &Model) -> std::result::Result<K
     let d = &model.dims;
     let shape = [d.n_layer, d.n_kv_head, saved.occupied, d.head_dim];
     candle_core::safetensors::load_buffer(&bytes, model.device())
-        .and_then(|tensors| KvCache::from_safetensors(tensors, shape))
+        .and_then(|tensors| KvCache::from_safetensors(tensors, shape, model.dtype()))
         .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -59,8 +59,20 @@ pub struct EvalOptions {
     pub score_every: Option<u64>,
 }
 
-/// Block size of the block engine unless `--block-size` says otherwise.
+/// Block size of the block engine on the CPU unless `--block-size` says otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 128;
+
+/// Block size of the block engine on a GPU unless `--block-size` says otherwise: large blocks
+/// amortize the launches of a forward pass (results/bench/gpu-h200.md measures the sizes).
+pub const GPU_BLOCK_SIZE: usize = 1024;
+
+/// The block engine's default block size on `device`.
+pub fn default_block_size(device: &candle_core::Device) -> usize {
+    match device.is_cpu() {
+        true => DEFAULT_BLOCK_SIZE,
+        false => GPU_BLOCK_SIZE,
+    }
+}
 
 /// The most injected sink tokens `--sink-text` may feed: far past any experiment (the paper
 /// uses 4), and a bound, so that a typo never allocates the stream of a huge S.

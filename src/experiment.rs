@@ -13,7 +13,7 @@
 //!     id = "4+252"
 //!     strategy = "sink:4+252"
 //! "#).unwrap();
-//! let runs = exp.resolve(Scale::Quick).unwrap();
+//! let runs = exp.resolve(Scale::Quick, 128).unwrap();
 //! assert_eq!(runs[0].options.strategy.to_string(), "sink:4+60");
 //! assert_eq!(runs[0].options.max_tokens, Some(2048));
 //! ```
@@ -240,7 +240,7 @@ impl Experiment {
             if self.divisor(scale) == 0 {
                 bail!("cache_divisor must be at least 1");
             }
-            self.resolve(scale)
+            self.resolve(scale, DEFAULT_BLOCK_SIZE)
                 .with_context(|| format!("at scale {}", scale.name()))?;
             if let Some(lat) = &self.latency {
                 self.latency_caches(scale)?;
@@ -265,8 +265,9 @@ impl Experiment {
     }
 
     /// The runs at `scale`, with caches divided by `cache_divisor` (the total S+W is divided,
-    /// the sinks kept: `sink:4+1020` at divisor 8 is `sink:4+124`).
-    pub fn resolve(&self, scale: Scale) -> Result<Vec<ResolvedRun>> {
+    /// the sinks kept: `sink:4+1020` at divisor 8 is `sink:4+124`), on the block engine with
+    /// blocks of `block_size`.
+    pub fn resolve(&self, scale: Scale, block_size: usize) -> Result<Vec<ResolvedRun>> {
         let div = self.divisor(scale);
         self.runs
             .iter()
@@ -282,7 +283,7 @@ impl Experiment {
                     pos_shift: run.pos_shift,
                     sink_text: run.sink_text.clone(),
                     max_tokens: self.max_tokens(scale),
-                    engine: EngineKind::Block(DEFAULT_BLOCK_SIZE),
+                    engine: EngineKind::Block(block_size),
                     score_every: run.score_every.and_then(|k| k.get(scale)),
                 };
                 options
@@ -382,11 +383,11 @@ mod tests {
     #[test]
     fn resolves_per_scale_with_fallback_to_default() {
         let exp = Experiment::parse("t", MINIMAL).unwrap();
-        let quick = exp.resolve(Scale::Quick).unwrap();
+        let quick = exp.resolve(Scale::Quick, DEFAULT_BLOCK_SIZE).unwrap();
         assert_eq!(quick[0].options.strategy.to_string(), "sink:4+124");
         assert_eq!(quick[1].options.strategy.to_string(), "recompute:128");
         assert_eq!(quick[1].options.score_every, Some(16));
-        let paper = exp.resolve(Scale::Paper).unwrap();
+        let paper = exp.resolve(Scale::Paper, DEFAULT_BLOCK_SIZE).unwrap();
         assert_eq!(paper[0].options.strategy.to_string(), "sink:4+1020");
         assert_eq!(paper[0].options.max_tokens, Some(1000)); // paper falls back to default
         assert_eq!(paper[1].options.score_every, Some(512));
@@ -428,7 +429,7 @@ mod tests {
         for f in files {
             let exp = Experiment::load(&f).unwrap_or_else(|e| panic!("{e:#}"));
             for scale in Scale::ALL {
-                exp.resolve(scale).unwrap();
+                exp.resolve(scale, DEFAULT_BLOCK_SIZE).unwrap();
             }
         }
     }

@@ -12,7 +12,7 @@ use streamppl::eval::EvalOptions;
 use streamppl::experiment::Scale;
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
-use streamppl::runner::{EvalJob, RunPolicy, run_eval, summary_line};
+use streamppl::runner::{Compute, EvalJob, RunPolicy, run_eval, summary_line};
 use streamppl::strategy::Strategy;
 use streamppl::sweep::{SweepJob, sweep};
 
@@ -60,15 +60,14 @@ enum Command {
         /// `block` (B fed tokens per forward pass, exact masks) or `token` (one pass per token, the reference).
         #[arg(long, value_enum, default_value = "block")]
         engine: EngineArg,
-        /// Fed tokens per forward pass of the block engine (1 to 65536).
-        #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
-        block_size: usize,
+        /// Fed tokens per forward pass of the block engine (1 to 65536) [default: 128 on the CPU, 1024 on a GPU].
+        #[arg(long)]
+        block_size: Option<usize>,
         /// Score only every k-th token (positions 0, k, 2k, ...): makes exact recompute:W affordable; reported as a sample with its 95% interval.
         #[arg(long)]
         score_every: Option<u64>,
-        /// cpu, or cuda[:N] in a binary built with the `cuda` feature (f32 on every device).
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        compute: ComputeArgs,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -107,6 +106,10 @@ enum Command {
         /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
         /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
         model: PathBuf,
+        /// Also write the model's tokenizer as a Hugging Face tokenizer.json here (e.g. to give
+        /// a checkpoint of another shape the same vocabulary).
+        #[arg(long, value_name = "PATH")]
+        save_tokenizer: Option<PathBuf>,
     },
     /// Measure the engines' speed and memory; writes OUT/NAME.json and OUT/NAME.md.
     Bench {
@@ -121,12 +124,14 @@ enum Command {
         name: String,
         #[arg(long, default_value = "results/bench")]
         out: PathBuf,
-        /// Fed tokens per forward pass of the block engine (1 to 65536).
-        #[arg(long, default_value_t = streamppl::eval::DEFAULT_BLOCK_SIZE)]
-        block_size: usize,
+        /// Fed tokens per forward pass of the block engine (1 to 65536) [default: 128 on the CPU, 1024 on a GPU].
+        #[arg(long)]
+        block_size: Option<usize>,
         /// Small sizes: a smoke test of the bench itself, not figures to report.
         #[arg(long)]
         quick: bool,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
     /// Reproduce a table or figure of the paper from `experiments/NAME.toml` (or `all`): runs,
     /// then table.md, figures and experiment.json in results/NAME (results/SCALE/NAME off default).
@@ -147,6 +152,8 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value = DEFAULT_CORPUS)]
         corpus: Vec<PathBuf>,
+        #[command(flatten)]
+        compute: ComputeArgs,
         #[command(flatten)]
         run: RunArgs,
         #[command(flatten)]
@@ -173,6 +180,8 @@ enum Command {
         max_tokens: u64,
         #[arg(long, default_value = "results/sweep")]
         out: PathBuf,
+        #[command(flatten)]
+        compute: ComputeArgs,
         #[command(flatten)]
         run: RunArgs,
         #[command(flatten)]
@@ -202,6 +211,23 @@ struct RunArgs {
     /// Recompute finished runs computed by another numerics epoch (else they are kept and reported stale).
     #[arg(long)]
     rerun_stale: bool,
+}
+
+/// Where and in which precision models run: shared by every command that runs one.
+#[derive(clap::Args)]
+struct ComputeArgs {
+    /// cpu, cuda or cuda:N (a GPU needs a binary built with the `cuda` feature) [default: cuda:0 when this build has CUDA and a GPU is visible, else cpu].
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, bf16 or f16: the weights, activations and KV cache (the log-softmax of the NLL is always f32; the CPU computes in f32) [default: bf16 on a GPU, f32 on the CPU].
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+impl ComputeArgs {
+    fn compute(&self) -> anyhow::Result<Compute> {
+        Compute::from_flags(self.device.as_deref(), self.dtype.as_deref())
+    }
 }
 
 /// Splitting the runs over a Slurm job array (see `streamppl::shard`, `streamppl::slurm`).
@@ -273,11 +299,13 @@ enum CorpusCommand {
 /// only fails to allocate.
 const MAX_BLOCK_SIZE: usize = 1 << 16;
 
-fn check_block_size(block_size: usize) -> Result<usize> {
+/// `--block-size`, or the device's default.
+fn check_block_size(block_size: Option<usize>, compute: &Compute) -> Result<usize> {
+    let default = streamppl::eval::default_block_size(&compute.device);
+    let block_size = block_size.unwrap_or(default);
     if !(1..=MAX_BLOCK_SIZE).contains(&block_size) {
         anyhow::bail!(
-            "--block-size {block_size}: give 1 to {MAX_BLOCK_SIZE} fed tokens per forward pass (the default is {})",
-            streamppl::eval::DEFAULT_BLOCK_SIZE
+            "--block-size {block_size}: give 1 to {MAX_BLOCK_SIZE} fed tokens per forward pass (the default here is {default})"
         );
     }
     Ok(block_size)
@@ -351,9 +379,10 @@ fn run(cli: Cli) -> Result<()> {
             engine,
             block_size,
             score_every,
-            device,
+            compute,
         } => {
-            let block_size = check_block_size(block_size)?;
+            let compute = compute.compute()?;
+            let block_size = check_block_size(block_size, &compute)?;
             let sink_text = sink_text
                 .map(|text| {
                     // Shown as typed, but on one line: control characters escaped.
@@ -390,7 +419,7 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 out,
                 policy: run.policy(),
-                device: streamppl::runner::parse_device(&device)?,
+                compute,
             })?;
             for run in &finished {
                 println!("{}", summary_line(run));
@@ -438,14 +467,16 @@ fn run(cli: Cli) -> Result<()> {
             out,
             block_size,
             quick,
+            compute,
         } => {
             let sizes = if quick {
                 BenchSizes::QUICK
             } else {
                 BenchSizes::FULL
             };
-            let block_size = check_block_size(block_size)?;
-            let report = run_bench(&model, &corpus, &name, &sizes, block_size, &out)?;
+            let compute = compute.compute()?;
+            let block_size = check_block_size(block_size, &compute)?;
+            let report = run_bench(&model, &corpus, &name, &sizes, block_size, &out, &compute)?;
             print!("{}", streamppl::bench::markdown(&report));
         }
         Command::Reproduce {
@@ -455,12 +486,14 @@ fn run(cli: Cli) -> Result<()> {
             experiments,
             model,
             corpus,
+            compute,
             run,
             cluster,
         } => {
             if cluster.submitted()? {
                 return Ok(());
             }
+            let compute = compute.compute()?;
             let names = if names.iter().any(|n| n == "all") {
                 all_names(&experiments)?
             } else {
@@ -475,6 +508,7 @@ fn run(cli: Cli) -> Result<()> {
                 corpus,
                 policy: run.policy(),
                 shard: cluster.shard,
+                compute,
             })?;
         }
         Command::Sweep {
@@ -485,12 +519,14 @@ fn run(cli: Cli) -> Result<()> {
             books,
             max_tokens,
             out,
+            compute,
             run,
             cluster,
         } => {
             if cluster.submitted()? {
                 return Ok(());
             }
+            let compute = compute.compute()?;
             let grid = sweep(&SweepJob {
                 model,
                 corpus,
@@ -501,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 policy: run.policy(),
                 shard: cluster.shard,
+                compute,
             })?;
             if let Some(grid) = grid {
                 print!("{}", std::fs::read_to_string(&grid)?);
@@ -517,7 +554,16 @@ fn run(cli: Cli) -> Result<()> {
                 d.tokens, d.mean_abs, d.max_abs, d.max_at
             );
         }
-        Command::Info { model } => print!("{}", streamppl::runner::model_info(&model)?),
+        Command::Info {
+            model,
+            save_tokenizer,
+        } => {
+            print!("{}", streamppl::runner::model_info(&model)?);
+            if let Some(path) = save_tokenizer {
+                streamppl::runner::load_tokenizer(&model)?.save_json(&path)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
         Command::Corpus {
             command:
                 CorpusCommand::Build {

@@ -11,9 +11,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 
-use crate::eval::{EvalOptions, fingerprint, numerics_epoch, stream_for};
+use crate::eval::{EvalOptions, default_block_size, fingerprint, numerics_epoch, stream_for};
 use crate::experiment::{Experiment, Kind, Scale};
 use crate::latency::{LatencyOptions, measure_latency};
 use crate::records::experiment::{ExperimentRecord, RunEntry};
@@ -21,8 +20,8 @@ use crate::records::latency::LatencyPoint;
 use crate::records::run::RunRecord;
 use crate::run_dir::check_log;
 use crate::runner::{
-    LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, progress_bar,
-    run_each_once, run_one, versions,
+    Compute, LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339,
+    progress_bar, run_each_once, run_one, versions,
 };
 use crate::shard::{Shard, estimated_cost, partition};
 use crate::strategy::Strategy;
@@ -42,6 +41,14 @@ pub struct ReproduceJob {
     /// Compute only this shard's runs (see [`crate::shard`]): no tables, which the same
     /// command without a shard writes once every shard is done.
     pub shard: Option<Shard>,
+    pub compute: Compute,
+}
+
+impl ReproduceJob {
+    /// The block engine's block size on the job's device.
+    fn block_size(&self) -> usize {
+        default_block_size(&self.compute.device)
+    }
 }
 
 /// Names of every experiment file in `dir`, sorted; an error naming the fix when there is none.
@@ -94,7 +101,7 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
         })
         .collect::<Result<Vec<_>>>()?;
     let owners = shard_owners(&experiments, job)?;
-    let lm = load_model(&job.model, &Device::Cpu)?;
+    let lm = load_model(&job.model, &job.compute)?;
     let mut dirs = Vec::new();
     for exp in &experiments {
         let dir = out_dir(job, &exp.name);
@@ -166,7 +173,7 @@ fn shard_owners(experiments: &[Experiment], job: &ReproduceJob) -> Result<HashMa
     for exp in experiments {
         match exp.kind {
             Kind::Runs => {
-                for run in exp.resolve(job.scale)? {
+                for run in exp.resolve(job.scale, job.block_size())? {
                     // Without --max-tokens a run scores the whole corpus: cost it as 1M tokens.
                     let tokens = run.options.max_tokens.unwrap_or(1 << 20);
                     let name = format!("{}/{}", exp.name, run.options.run_name());
@@ -211,7 +218,7 @@ fn run_experiment(
     dir: &Path,
     mine: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<RunEntry>> {
-    let runs: Vec<_> = (exp.resolve(job.scale)?)
+    let runs: Vec<_> = (exp.resolve(job.scale, job.block_size())?)
         .into_iter()
         .filter(|r| mine(&r.options.run_name()))
         .collect();
@@ -222,7 +229,7 @@ fn run_experiment(
         let run_dir = dir.join(options.run_name());
         if !policy.rerun {
             let stream = stream_for(&lm.tokenizer, &corpus, options)?;
-            let fp = fingerprint(options, &lm.info.sha256, &stream, numerics_epoch());
+            let fp = fingerprint(options, &lm.identity(), &stream, numerics_epoch());
             reuse_finished(&run_dir, &fp, dir.parent())?;
         }
         run_one(lm, &corpus, &job.corpus, options, &run_dir, policy)
@@ -298,7 +305,7 @@ fn run_latency(
         caches: caches.clone(),
         sinks: def.sinks,
         steps,
-        block_size: crate::eval::DEFAULT_BLOCK_SIZE,
+        block_size: job.block_size(),
     };
     let need = opts.tokens_needed();
     let corpus = load_tokenized(

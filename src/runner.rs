@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
@@ -35,17 +35,40 @@ pub struct LoadedModel {
     pub info: ModelInfo,
 }
 
+impl LoadedModel {
+    /// The model as a run's fingerprint knows it: its checksum, and its dtype unless f32 (so a
+    /// bf16 run never stands in for an f32 one, and f32 runs keep their fingerprints).
+    pub fn identity(&self) -> String {
+        match self.model.dtype() {
+            DType::F32 => self.info.sha256.clone(),
+            dtype => format!("{} {}", self.info.sha256, dtype_name(dtype)),
+        }
+    }
+}
+
 /// Loads the model `--model` names: a GGUF file, a Hugging Face model folder, or a hub id
-/// `org/name[@revision]` resolved through the hub cache (see [`crate::source`]).
-pub fn load_model(spec: &Path, device: &Device) -> Result<LoadedModel> {
+/// `org/name[@revision]` resolved through the hub cache (see [`crate::source`]), onto the
+/// device and into the dtype `compute` says.
+pub fn load_model(spec: &Path, compute: &Compute) -> Result<LoadedModel> {
     let resolved = resolve_model(&spec.to_string_lossy(), &HubSettings::from_env())?;
+    let Compute { device, dtype } = compute;
+    let weight_files: Vec<PathBuf> = match &resolved.files {
+        ModelFiles::Gguf(path) => vec![path.clone()],
+        ModelFiles::HuggingFace(files) => files.weights.clone(),
+    };
     let (model, sha256) = match &resolved.files {
-        ModelFiles::Gguf(path) => (load_gguf(path, device)?.model, sha256_file(path)?),
+        ModelFiles::Gguf(path) => (
+            load_gguf(path, *dtype, device)
+                .map(|g| g.model)
+                .map_err(anyhow::Error::from),
+            sha256_file(path)?,
+        ),
         ModelFiles::HuggingFace(files) => (
-            load_hf(&files.config, &files.weights, device)?,
+            load_hf(&files.config, &files.weights, *dtype, device),
             checkpoint_digest(files)?,
         ),
     };
+    let model = model.map_err(|e| too_large_or(e, spec, compute, &weight_files))?;
     let tokenizer = TextTokenizer::for_resolved(&resolved)?;
     tokenizer
         .check_vocab(model.dims.vocab_size)
@@ -54,7 +77,7 @@ pub fn load_model(spec: &Path, device: &Device) -> Result<LoadedModel> {
         source: resolved.source,
         model_type: model.arch.model_type.clone(),
         positions: model.arch.positions.clone(),
-        dtype: "f32".into(),
+        dtype: dtype_name(*dtype).into(),
         device: device_name(device),
         parameters: model.parameter_count() as u64,
         bos_added: tokenizer.bos_added(),
@@ -73,12 +96,109 @@ pub fn load_model(spec: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
+/// A load error, or for a model that ran out of GPU memory, a one-line error with the sizes.
+fn too_large_or(
+    err: anyhow::Error,
+    spec: &Path,
+    compute: &Compute,
+    weight_files: &[PathBuf],
+) -> anyhow::Error {
+    let Some((free, total)) = gpu_memory(&compute.device) else {
+        return err;
+    };
+    if !format!("{err:#}").contains("OUT_OF_MEMORY") {
+        return err;
+    }
+    let on_disk: u64 = (weight_files.iter())
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    anyhow::anyhow!(
+        "{}: does not fit on {} in {} (weights {:.1} GiB on disk; GPU {:.1} GiB free of {:.1} GiB); use a smaller --dtype, a smaller model or another GPU",
+        spec.display(),
+        device_name(&compute.device),
+        dtype_name(compute.dtype),
+        gib(on_disk),
+        gib(free as u64),
+        gib(total as u64),
+    )
+}
+
+/// Free and total bytes of a GPU's memory; `None` on the CPU.
+fn gpu_memory(device: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = device {
+        return gpu.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}
+
 /// The tokenizer of the model `--model` names, without loading its weights.
 pub fn load_tokenizer(spec: &Path) -> Result<TextTokenizer> {
     TextTokenizer::for_resolved(&resolve_model(
         &spec.to_string_lossy(),
         &HubSettings::from_env(),
     )?)
+}
+
+/// Where a model runs and in which precision (`--device`, `--dtype`).
+#[derive(Debug, Clone)]
+pub struct Compute {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Compute {
+    /// The CPU engine: f32, the only precision its kernels compute in.
+    pub fn cpu() -> Self {
+        Compute {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+
+    /// From `--device` and `--dtype`. Left out, the device is cuda:0 when this build has CUDA
+    /// and a GPU is visible, else the CPU; the dtype bf16 on a GPU, f32 on the CPU.
+    pub fn from_flags(device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
+        let device = match device {
+            Some(spec) => parse_device(spec)?,
+            None if cfg!(feature = "cuda") => Device::new_cuda(0).unwrap_or(Device::Cpu),
+            None => Device::Cpu,
+        };
+        let dtype = match dtype {
+            Some(spec) => parse_dtype(spec)?,
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+        };
+        if device.is_cpu() && dtype != DType::F32 {
+            bail!(
+                "--dtype {}: the CPU engine computes in f32; use --dtype f32, or --device cuda",
+                dtype_name(dtype)
+            );
+        }
+        Ok(Compute { device, dtype })
+    }
+}
+
+/// `f32`, `bf16` or `f16`.
+fn parse_dtype(spec: &str) -> Result<DType> {
+    Ok(match spec {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => bail!("--dtype {spec}: give f32, bf16 or f16"),
+    })
+}
+
+/// `f32`, `bf16`, `f16` for records.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
 }
 
 /// The device `--device` names: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`; a one-line error that
@@ -227,7 +347,7 @@ pub struct EvalJob {
     pub runs: Vec<EvalOptions>,
     pub out: PathBuf,
     pub policy: RunPolicy,
-    pub device: Device,
+    pub compute: Compute,
 }
 
 /// How `run_one` treats what a run folder already holds, and how often it checkpoints.
@@ -311,7 +431,7 @@ pub fn run_eval(job: &EvalJob) -> Result<Vec<FinishedRun>> {
     for opts in &job.runs {
         opts.validate()?;
     }
-    let lm = load_model(&job.model, &job.device)?;
+    let lm = load_model(&job.model, &job.compute)?;
     let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &job.runs)?;
     job.runs
         .iter()
@@ -410,7 +530,7 @@ pub fn run_one(
         tokens_scored: stream.scored_count(),
         numerics_epoch: epoch,
     };
-    let fingerprint_at = |e| fingerprint(opts, &lm.info.sha256, &stream, e);
+    let fingerprint_at = |e| fingerprint(opts, &lm.identity(), &stream, e);
     match existing_run(dir, &identity, fingerprint_at)? {
         Existing::Nothing => {}
         Existing::Same(record) => {
@@ -621,7 +741,7 @@ pub fn now_rfc3339() -> String {
 /// `streamppl info`: where the model comes from, its family, shapes and position scheme, the
 /// tokenizer, and the checksum run records use.
 pub fn model_info(spec: &Path) -> Result<String> {
-    let lm = load_model(spec, &Device::Cpu)?;
+    let lm = load_model(spec, &Compute::cpu())?;
     let (d, a) = (&lm.model.dims, &lm.model.arch);
     let details = lm
         .info

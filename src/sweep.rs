@@ -5,14 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use candle_core::Device;
 
 use crate::eval::{EvalOptions, TokenizedCorpus};
 use crate::records::sweep::{SweepCell, SweepRecord};
 use crate::report::render_sweep;
 use crate::runner::{
-    LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339, run_each_once,
-    run_one,
+    Compute, LoadedModel, RunPolicy, RunStatus, load_model, load_tokenized, now_rfc3339,
+    run_each_once, run_one,
 };
 use crate::shard::{Shard, estimated_cost, partition};
 use crate::strategy::Strategy;
@@ -29,6 +28,7 @@ pub struct SweepJob {
     /// Compute only this shard's cells (see [`crate::shard`]); the grid is written by a run
     /// without a shard once every shard is done.
     pub shard: Option<Shard>,
+    pub compute: Compute,
 }
 
 /// Runs every cell (sinks-major order), then writes the grid files; returns `grid.md`'s path,
@@ -56,7 +56,7 @@ pub fn sweep(job: &SweepJob) -> Result<Option<PathBuf>> {
     for o in &opts {
         o.validate()?;
     }
-    let lm = load_model(&job.model, &Device::Cpu)?;
+    let lm = load_model(&job.model, &job.compute)?;
     let corpus = load_tokenized(&lm, &job.corpus, job.books.as_deref(), &opts)?;
     if let Some(shard) = job.shard {
         return run_shard(job, shard, &lm, &corpus, &opts).map(|()| None);

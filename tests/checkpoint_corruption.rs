@@ -507,7 +507,8 @@ fn time_a_dense_checkpoint_at_20k_tokens() {
     use streamppl::model::KvCache;
     use streamppl::nll_log::NllRecord;
     let (tokens, capacity) = (20_000usize, 32_768);
-    let mut cache = KvCache::new(30, 3, 64, capacity, &Device::Cpu).unwrap();
+    let mut cache =
+        KvCache::new(30, 3, 64, capacity, candle_core::DType::F32, &Device::Cpu).unwrap();
     // Distinct bit patterns in the occupied slots, as a real run leaves.
     for layer in 0..30 {
         let data: Vec<f32> = (0..3 * tokens * 64)

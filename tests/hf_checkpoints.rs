@@ -17,7 +17,7 @@ use indicatif::ProgressBar;
 use streamppl::corpus::load_corpus;
 use streamppl::eval::{EvalOptions, TokenizedCorpus, evaluate};
 use streamppl::nll_log::NllLog;
-use streamppl::runner::{LoadedModel, load_model};
+use streamppl::runner::{Compute, LoadedModel, load_model};
 
 use common::default_model_and_corpus;
 
@@ -150,14 +150,14 @@ fn the_default_gguf_as_a_hugging_face_folder_and_hub_id_gives_the_same_nlls() {
     let snapshot = repo.join("snapshots").join(COMMIT);
     let books = load_corpus(&corpus).unwrap()[..1].to_vec();
 
-    let from_gguf = load_model(&gguf, &Device::Cpu).unwrap();
+    let from_gguf = load_model(&gguf, &Compute::cpu()).unwrap();
     write_hf_folder(&gguf, &from_gguf, &snapshot);
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
 
     let (want, want_ids) = dense_nlls(&from_gguf, &books, 2048);
     drop(from_gguf);
-    let from_folder = load_model(&snapshot, &Device::Cpu).unwrap();
+    let from_folder = load_model(&snapshot, &Compute::cpu()).unwrap();
     let (got, got_ids) = dense_nlls(&from_folder, &books, 2048);
     assert_eq!(
         got_ids, want_ids,
@@ -181,7 +181,7 @@ fn the_default_gguf_as_a_hugging_face_folder_and_hub_id_gives_the_same_nlls() {
         std::env::set_var("HF_HUB_CACHE", &hub);
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    let from_hub = load_model(Path::new(HUB_ID), &Device::Cpu).unwrap();
+    let from_hub = load_model(Path::new(HUB_ID), &Compute::cpu()).unwrap();
     // The same files as the folder: the first 256 tokens' NLLs (a shorter run's last block
     // has another shape, so equal up to rounding, not bit for bit).
     let (hub_log, _) = dense_nlls(&from_hub, &books, 256);

@@ -59,8 +59,13 @@ fn weights(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn load(dir: &Path) -> (Model, Reference) {
-    let model = load_hf(&dir.join("config.json"), &weights(dir), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let model = load_hf(
+        &dir.join("config.json"),
+        &weights(dir),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let reference: Reference =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();

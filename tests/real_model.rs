@@ -17,7 +17,7 @@ fn dense_ppl_of_the_first_2048_tokens_of_paradise_lost_is_the_reference() {
     let Some((model, corpus)) = default_model_and_corpus() else {
         return;
     };
-    let lm = load_model(&model, &candle_core::Device::Cpu).unwrap();
+    let lm = load_model(&model, &streamppl::runner::Compute::cpu()).unwrap();
     let books = load_corpus(&corpus).unwrap();
     assert_eq!(books[0].title, "Paradise Lost");
     let corpus = TokenizedCorpus::new(
@@ -55,7 +55,7 @@ fn assert_block_and_token_engines_agree(tokens: u64, strategies: &[&str]) {
     let Some((model, corpus)) = default_model_and_corpus() else {
         return;
     };
-    let lm = load_model(&model, &candle_core::Device::Cpu).unwrap();
+    let lm = load_model(&model, &streamppl::runner::Compute::cpu()).unwrap();
     let books = load_corpus(&corpus).unwrap();
     let corpus =
         TokenizedCorpus::new(&lm.tokenizer, books, Some(tokens), &ProgressBar::hidden()).unwrap();

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use indicatif::ProgressBar;
 
 use crate::checkpoint::Checkpointer;
-use crate::model::{AttnPlan, KvCache, Model, SinkRotation};
+use crate::model::{AttnPlan, KvCache, Model, SinkRotation, Visibility};
 use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
@@ -67,11 +67,14 @@ impl<'m> BlockEngine<'m> {
         })
     }
 
-    /// Whether key `j` is visible from query `t` (spec section 2).
-    fn visible(&self, t: u64, j: u64) -> bool {
+    /// Which keys a query sees (spec section 2).
+    fn visibility(&self) -> Visibility {
         match self.budget {
-            None => j <= t,
-            Some((s, w)) => j <= t && (j < s as u64 || t - j <= w as u64),
+            None => Visibility::CAUSAL,
+            Some((s, w)) => Visibility {
+                sinks: s as u64,
+                recent: w as u64,
+            },
         }
     }
 
@@ -83,18 +86,6 @@ impl<'m> BlockEngine<'m> {
         self.cache
             .ensure_capacity(self.held.len(), self.max_slots)?;
         let queries: Vec<u64> = (first..first + n_new as u64).collect();
-        let mask: Vec<f32> = queries
-            .iter()
-            .flat_map(|&t| self.held.iter().map(move |&j| (t, j)))
-            .map(|(t, j)| {
-                if self.visible(t, j) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (n_new, self.held.len()), self.model.device())?;
         let n_sink = match self.budget {
             Some((s, _)) if self.pos_shift => {
                 self.held.iter().take_while(|&&j| j < s as u64).count()
@@ -118,7 +109,7 @@ impl<'m> BlockEngine<'m> {
                         .enumerate()
                         .map(|(i, &j)| if i < n_sink { j } else { j - base })
                         .collect(),
-                    mask: Some(mask),
+                    visibility: self.visibility(),
                     // No sink keys (window:W): no second rotation of the queries to compute.
                     sinks: (n_sink > 0).then(|| SinkRotation {
                         n_keys: n_sink,
@@ -133,7 +124,7 @@ impl<'m> BlockEngine<'m> {
                 q_pos: queries.clone(),
                 write_at,
                 k_pos: self.held.clone(),
-                mask: Some(mask),
+                visibility: self.visibility(),
                 sinks: None,
                 q_fed: queries.clone(),
                 k_fed: self.held.clone(),

@@ -51,7 +51,7 @@ pub fn run_strategy(
 ) -> Result<NllLog> {
     match strategy {
         Strategy::Recompute { window, stride } => {
-            let batch = recompute::windows_per_batch(window);
+            let batch = recompute::windows_per_batch(window, model.device());
             recompute::run(model, window, stride, batch, stream, progress, ckpt)
         }
         s => match engine {

@@ -10,6 +10,7 @@
 use std::ops::RangeInclusive;
 
 use anyhow::Result;
+use candle_core::Device;
 use indicatif::ProgressBar;
 
 use crate::checkpoint::Checkpointer;
@@ -26,10 +27,18 @@ use super::{ScoredLog, resume};
 const BATCH_ROWS: usize = 1024;
 /// Most windows per batch (past this, larger matmuls gain nothing).
 const MAX_WINDOWS: usize = 16;
+/// A GPU needs far more rows per pass to be busy (a 135M model's layer is a few launches of
+/// microseconds each): 32 windows of 1025 tokens, activations and scores a few GB at most.
+const GPU_BATCH_ROWS: usize = 1 << 15;
+const GPU_MAX_WINDOWS: usize = 256;
 
-/// Windows per batch for `recompute:window`.
-pub fn windows_per_batch(window: usize) -> usize {
-    (BATCH_ROWS / window.saturating_add(1)).clamp(1, MAX_WINDOWS)
+/// Windows per batch for `recompute:window` on `device`.
+pub fn windows_per_batch(window: usize, device: &Device) -> usize {
+    let (rows, most) = match device.is_cpu() {
+        true => (BATCH_ROWS, MAX_WINDOWS),
+        false => (GPU_BATCH_ROWS, GPU_MAX_WINDOWS),
+    };
+    (rows / window.saturating_add(1)).clamp(1, most)
 }
 
 /// One window: fed tokens `fed`, of which `scored` (its last `s` or fewer) are scored.

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use indicatif::ProgressBar;
 
 use crate::checkpoint::Checkpointer;
-use crate::model::{AttnPlan, KvCache, Model};
+use crate::model::{AttnPlan, KvCache, Model, Visibility};
 use crate::nll_log::NllLog;
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
@@ -111,7 +111,7 @@ impl<'m> TokenEngine<'m> {
                 .iter()
                 .map(|&j| self.position(j, t))
                 .collect(),
-            mask: None,
+            visibility: Visibility::CAUSAL, // the cache holds only what t sees
             sinks: None,
             q_fed: vec![t],
             k_fed: self.slot_token.clone(),
@@ -151,7 +151,7 @@ impl<'m> TokenEngine<'m> {
             q_pos: pos.clone(),
             write_at: 0,
             k_pos: pos.clone(),
-            mask: Some(AttnPlan::causal_mask(n, self.model.device())?), // (n, n)
+            visibility: Visibility::CAUSAL,
             sinks: None,
             q_fed: pos.clone(),
             k_fed: pos,

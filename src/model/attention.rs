@@ -4,7 +4,7 @@
 //! rotations or biases. Keys are cached before any position is applied, so a strategy can give
 //! every cached key a new position at every step (spec sections 2 and 3b).
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::ops;
 use super::rope::Rope;
@@ -12,19 +12,18 @@ use super::rope::Rope;
 /// What the fed tokens of one forward pass attend to.
 ///
 /// The T new tokens are written into cache slots `write_at..write_at + T`; attention then runs
-/// over slots `0..k_pos.len()`, each key at position `k_pos[slot]`, each query at `q_pos[i]`.
+/// over slots `0..k_pos.len()`, each key at position `k_pos[slot]`, each query at `q_pos[i]`,
+/// seeing the keys that `visibility` allows by their fed indices `k_fed` and `q_fed`.
 #[derive(Debug, Clone)]
 pub struct AttnPlan {
     pub q_pos: Vec<u64>,
     pub write_at: usize,
     pub k_pos: Vec<u64>,
-    /// Additive mask (T, k_pos.len()): 0 where visible, -inf where not. `None`: all visible.
-    pub mask: Option<Tensor>,
+    pub visibility: Visibility,
     /// Keys in slots `0..n_keys` scored with queries at other positions (the sinks, at a
     /// constant distance once eviction starts; spec section 3). `None`: one position for all.
     pub sinks: Option<SinkRotation>,
-    /// Fed-token index of each query and of the token in each key slot: layers with a sliding
-    /// window of their own never see a key `window` or more tokens back (spec section 3b).
+    /// Fed-token index of each query and of the token in each key slot.
     pub q_fed: Vec<u64>,
     pub k_fed: Vec<u64>,
 }
@@ -37,37 +36,73 @@ pub struct SinkRotation {
     pub q_pos: Vec<u64>,
 }
 
-impl AttnPlan {
-    /// A causal mask over `t` fresh tokens in slots `0..t`.
-    pub fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-        let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Tensor::from_vec(m, (t, t), device)
-    }
+/// Which keys a query sees, by fed index (spec section 2): key j is visible from query t when
+/// j <= t and either j < `sinks` or t - j <= `recent`. A rule rather than a mask, so that a
+/// device can apply it inside the softmax instead of reading a dense (T, keys) mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visibility {
+    pub sinks: u64,
+    pub recent: u64,
+}
 
-    /// The plan's mask narrowed to keys fewer than `window` fed tokens before each query.
-    pub fn window_mask(&self, window: usize, device: &Device) -> Result<Tensor> {
-        let n = self.k_fed.len();
-        let base = match &self.mask {
-            Some(m) => m
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1()?,
-            None => vec![0f32; self.q_fed.len() * n],
-        };
-        let mask: Vec<f32> = base
+impl Visibility {
+    /// Every key up to the query itself (dense attention, a window run from scratch).
+    pub const CAUSAL: Visibility = Visibility {
+        sinks: 0,
+        recent: u64::MAX,
+    };
+
+    /// Whether key `j` is visible from query `t` in a layer whose own sliding window (Mistral,
+    /// Gemma) hides keys `window` or more tokens back (spec section 3b).
+    pub fn visible(&self, t: u64, j: u64, window: Option<u64>) -> bool {
+        j <= t && (j < self.sinks || t - j <= self.recent) && window.is_none_or(|w| t - j < w)
+    }
+}
+
+/// The keys of one forward pass's queries, made ready for the device's softmax.
+pub(crate) enum KeyMask {
+    /// Every key visible to every query.
+    All,
+    /// Additive (T, n_keys), 0 or -inf: what the CPU kernel reads.
+    Dense(Tensor),
+    /// The rule over fed indices `[q_fed; k_fed]` (i64, on the device), applied in the fused
+    /// softmax kernel of a GPU: no (T, n_keys) mask is built or read.
+    Rule {
+        fed: Tensor,
+        n_query: usize,
+        visibility: Visibility,
+        window: Option<u64>,
+    },
+}
+
+impl KeyMask {
+    fn new(plan: &AttnPlan, window: Option<u64>, device: &Device) -> Result<Self> {
+        let (q_fed, k_fed) = (&plan.q_fed, &plan.k_fed);
+        if !device.is_cpu() {
+            let fed: Vec<i64> = q_fed.iter().chain(k_fed).map(|&i| i as i64).collect();
+            return Ok(KeyMask::Rule {
+                fed: Tensor::from_vec(fed, q_fed.len() + k_fed.len(), device)?,
+                n_query: q_fed.len(),
+                visibility: plan.visibility,
+                window,
+            });
+        }
+        let mut all_visible = true;
+        let mask: Vec<f32> = q_fed
             .iter()
-            .enumerate()
-            .map(|(at, &m)| {
-                let (t, j) = (self.q_fed[at / n], self.k_fed[at % n]);
-                match t.saturating_sub(j) >= window as u64 {
-                    true => f32::NEG_INFINITY,
-                    false => m,
+            .flat_map(|&t| k_fed.iter().map(move |&j| (t, j)))
+            .map(|(t, j)| match plan.visibility.visible(t, j, window) {
+                true => 0.0,
+                false => {
+                    all_visible = false;
+                    f32::NEG_INFINITY
                 }
             })
             .collect();
-        Tensor::from_vec(mask, (self.q_fed.len(), n), device)
+        Ok(match all_visible {
+            true => KeyMask::All,
+            false => KeyMask::Dense(Tensor::from_vec(mask, (q_fed.len(), k_fed.len()), device)?),
+        })
     }
 }
 
@@ -101,13 +136,26 @@ impl PositionScheme {
     }
 }
 
-/// The positions of one forward pass, made ready for its layers (tables built once, not per layer).
+/// The positions and masks of one forward pass, made ready for its layers (tables and masks
+/// built once, not per layer).
 pub(crate) struct Placement<'p> {
     q_pos: &'p [u64],
     k_pos: &'p [u64],
     /// The sink key count and the queries' positions for scoring them.
     sink_q_pos: Option<(usize, &'p [u64])>,
     rope: Option<RopeTables>,
+    /// One mask for each distinct layer window (`None`: the layers without one).
+    masks: Vec<(Option<u64>, KeyMask)>,
+}
+
+impl Placement<'_> {
+    fn mask(&self, window: Option<usize>) -> &KeyMask {
+        let window = window.map(|w| w as u64);
+        let (_, mask) = (self.masks.iter())
+            .find(|(w, _)| *w == window)
+            .expect("Attention::place prepares a mask for every layer window");
+        mask
+    }
 }
 
 /// Rotary tables (cos, sin), each (rows, rotary_dim / 2).
@@ -127,46 +175,72 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Prepares query positions `q_pos`, key positions `k_pos` and the optional sink positions.
+    /// The attention of `n` independent windows run side by side, each window's heads as heads
+    /// of their own (window-major): `attend` then covers them all in one set of launches.
+    pub(crate) fn for_windows(&self, n: usize) -> Attention {
+        let positions = match &self.positions {
+            PositionScheme::Alibi { slopes } => PositionScheme::Alibi {
+                slopes: slopes.repeat(n),
+            },
+            rope => rope.clone(),
+        };
+        Attention {
+            n_head: self.n_head * n,
+            n_kv_head: self.n_kv_head * n,
+            head_dim: self.head_dim,
+            positions,
+        }
+    }
+
+    /// Prepares the plan's positions, in `dtype`, and its masks for layers with each of the
+    /// `layer_windows`.
     pub(crate) fn place<'p>(
         &self,
-        q_pos: &'p [u64],
-        k_pos: &'p [u64],
-        sinks: Option<&'p SinkRotation>,
+        plan: &'p AttnPlan,
+        layer_windows: impl IntoIterator<Item = Option<usize>>,
+        dtype: DType,
         device: &Device,
     ) -> Result<Placement<'p>> {
-        let sink_q_pos = sinks
+        let sink_q_pos = (plan.sinks.as_ref())
             .filter(|s| s.n_keys > 0)
             .map(|s| (s.n_keys, s.q_pos.as_slice()));
+        let table = |rope: &Rope, pos: &[u64]| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope.cos_sin(pos, device)?;
+            Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+        };
         let rope = match &self.positions {
             PositionScheme::Rope(rope) => Some(RopeTables {
-                q: rope.cos_sin(q_pos, device)?,
-                k: rope.cos_sin(k_pos, device)?,
-                sink_q: match sink_q_pos {
-                    Some((_, pos)) => Some(rope.cos_sin(pos, device)?),
-                    None => None,
-                },
+                q: table(rope, &plan.q_pos)?,
+                k: table(rope, &plan.k_pos)?,
+                sink_q: sink_q_pos.map(|(_, pos)| table(rope, pos)).transpose()?,
             }),
             PositionScheme::Alibi { .. } => None,
         };
+        let mut masks: Vec<(Option<u64>, KeyMask)> = Vec::new();
+        for window in layer_windows.into_iter().map(|w| w.map(|w| w as u64)) {
+            if !masks.iter().any(|(have, _)| *have == window) {
+                masks.push((window, KeyMask::new(plan, window, device)?));
+            }
+        }
         Ok(Placement {
-            q_pos,
-            k_pos,
+            q_pos: &plan.q_pos,
+            k_pos: &plan.k_pos,
             sink_q_pos,
             rope,
+            masks,
         })
     }
 
     /// Attention of queries `q` (nh, T, hd), pre-scaled, over keys `k` and values `v`
-    /// (nkv, n_keys, hd), all before positions, placed by `at`, under the additive `mask`
-    /// (T, n_keys). Returns (T, nh * hd), before the output projection.
+    /// (nkv, n_keys, hd), all before positions, placed by `at`, in a layer with the sliding
+    /// `window` of its own, if any. Returns (T, nh * hd), before the output projection.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         at: &Placement<'_>,
-        mask: Option<&Tensor>,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let (nh, t, hd) = q.dims3()?;
         let n_keys = k.dim(1)?;
@@ -186,13 +260,12 @@ impl Attention {
             )),
             None => None,
         };
-        // Query tiles keep the (heads, tile, keys) scores near SCORE_BUDGET floats.
-        const SCORE_BUDGET: usize = 4 << 20;
-        let tile = (SCORE_BUDGET / (nh * n_keys.max(1))).clamp(1, t.max(1));
+        // Query tiles keep the (heads, tile, keys) scores within the device's budget.
+        let tile = (ops::score_budget(q.device()) / (nh * n_keys.max(1))).clamp(1, t.max(1));
+        let mask = at.mask(window);
         let mut outs = Vec::with_capacity(t.div_ceil(tile));
         for start in (0..t).step_by(tile) {
             let tq = tile.min(t - start);
-            let mask = mask.map(|m| m.narrow(0, start, tq)).transpose()?;
             let q_main = q_main.narrow(1, start, tq)?;
             let rows = start..start + tq;
             let parts = match &q_sink {
@@ -214,7 +287,7 @@ impl Attention {
                 }
                 None => vec![self.part_scores(&q_main, &k, (&at.q_pos[rows], at.k_pos))?],
             }; // each (nh, tq, keys of the part)
-            let probs = ops::masked_softmax(&parts, mask.as_ref())?; // (nh, tq, n_keys)
+            let probs = ops::masked_softmax(&parts, mask, start..start + tq)?; // (nh, tq, n_keys)
             outs.push(self.grouped(&probs, |p| p.matmul(v))?); // (nh, tq, hd)
         }
         match outs.len() {
@@ -245,7 +318,7 @@ impl Attention {
         let dist = Tensor::from_vec(dist, (1, q_pos.len(), k_pos.len()), q.device())?;
         let neg_slopes: Vec<f32> = slopes.iter().map(|s| -s).collect();
         let neg_slopes = Tensor::from_vec(neg_slopes, (slopes.len(), 1, 1), q.device())?;
-        scores + dist.broadcast_mul(&neg_slopes)?
+        scores + dist.broadcast_mul(&neg_slopes)?.to_dtype(q.dtype())?
     }
 
     /// Applies `f` to (nkv, group*rows, cols) views of a (nh, rows, cols) tensor: query heads

@@ -3,10 +3,10 @@
 //! `neox.rs`, ...) reads its config and weights, in its own names and layouts, into these parts;
 //! the engines see only [`Model`].
 
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear};
 
-use super::attention::{Attention, AttnPlan};
+use super::attention::{Attention, AttnPlan, Visibility};
 use super::kv_cache::KvCache;
 use super::ops;
 
@@ -130,11 +130,13 @@ pub fn stacked(parts: &[Linear]) -> Result<Linear> {
     Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
 }
 
-/// `linear` with its output rows (and bias) multiplied by `scale`.
+/// `linear` with its output rows (and bias) multiplied by `scale`, rounded once to its dtype
+/// (the product is taken in f32, so a bf16 weight is not rounded twice).
 pub fn scaled(linear: &Linear, scale: f64) -> Result<Linear> {
+    let times = |t: &Tensor| (t.to_dtype(DType::F32)? * scale)?.to_dtype(t.dtype());
     Ok(Linear::new(
-        (linear.weight() * scale)?,
-        linear.bias().map(|b| b * scale).transpose()?,
+        times(linear.weight())?,
+        linear.bias().map(times).transpose()?,
     ))
 }
 
@@ -202,64 +204,92 @@ impl Model {
         n
     }
 
-    /// A KV cache shaped for this model.
+    /// A KV cache shaped for this model, in its dtype.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let d = &self.dims;
-        KvCache::new(d.n_layer, d.n_kv_head, d.head_dim, capacity, &self.device)
+        KvCache::new(
+            d.n_layer,
+            d.n_kv_head,
+            d.head_dim,
+            capacity,
+            self.dtype(),
+            &self.device,
+        )
+    }
+
+    /// The dtype the model computes in (its weights' and its caches'); the log-softmax of the
+    /// NLL is f32 whatever it is.
+    pub fn dtype(&self) -> DType {
+        self.embed.embeddings().dtype()
     }
 
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
-        let at =
-            self.attention
-                .place(&plan.q_pos, &plan.k_pos, plan.sinks.as_ref(), &self.device)?;
-        let masks = LayerMasks::new(plan, &self.blocks, &self.device)?;
+        let at = (self.attention).place(plan, self.layer_windows(), self.dtype(), &self.device)?;
         self.decoder(tokens, |layer, b, h| {
             let (q, k_new, v_new) = self.project_qkv(b, h)?;
             cache.write(layer, plan.write_at, &k_new, &v_new)?;
             let (k, v) = cache.read(layer, plan.k_pos.len())?; // (nkv, n_keys, hd), pre-position
-            let mask = masks.for_layer(b, plan.mask.as_ref());
             b.out
-                .forward(&self.attention.attend(&q, &k, &v, &at, mask)?)
+                .forward(&self.attention.attend(&q, &k, &v, &at, b.window)?)
         })
     }
 
     /// Runs independent windows of one length L as one batch, each from scratch at positions
     /// 0..L with a causal mask (exact `recompute:W`): the projections and the MLP see all the
-    /// windows' rows at once, attention stays within each window. Row `w * L + i` of the
-    /// result is the final-normed hidden state of token i of window w.
+    /// windows' rows at once, and attention runs on them as if each window's heads were heads
+    /// of their own (one set of launches for the whole batch). Row `w * L + i` of the result is
+    /// the final-normed hidden state of token i of window w.
     pub fn forward_windows(&self, windows: &[&[u32]]) -> Result<Tensor> {
         let l = windows.first().map_or(0, |w| w.len());
         if l == 0 || windows.iter().any(|w| w.len() != l) {
             candle_core::bail!("forward_windows takes non-empty windows of one length")
         }
+        let n_win = windows.len();
         let positions: Vec<u64> = (0..l as u64).collect();
         let plan = AttnPlan {
             q_pos: positions.clone(),
             write_at: 0,
             k_pos: positions.clone(),
-            mask: Some(AttnPlan::causal_mask(l, &self.device)?), // shared by every window
+            visibility: Visibility::CAUSAL,
             sinks: None,
             q_fed: positions.clone(),
-            k_fed: positions.clone(),
+            k_fed: positions,
         };
-        let at = self
-            .attention
-            .place(&positions, &positions, None, &self.device)?;
-        let masks = LayerMasks::new(&plan, &self.blocks, &self.device)?;
+        let batched = self.attention.for_windows(n_win);
+        let at = batched.place(&plan, self.layer_windows(), self.dtype(), &self.device)?;
+        // (heads, n_win * L, hd) -> (n_win * heads, L, hd): window w's heads come w-th.
+        let by_window = |x: Tensor| -> Result<Tensor> {
+            let (nh, _, hd) = x.dims3()?;
+            (x.reshape((nh, n_win, l, hd))?
+                .transpose(0, 1)?
+                .contiguous()?)
+            .reshape((n_win * nh, l, hd))
+        };
         self.decoder(&windows.concat(), |_, b, h| {
-            let (q, k, v) = self.project_qkv(b, h)?; // (heads, windows * L, hd)
-            let window = |x: &Tensor, w: usize| x.narrow(1, w * l, l);
-            let mask = masks.for_layer(b, plan.mask.as_ref());
-            let outs = (0..windows.len())
-                .map(|w| {
-                    let (k, v) = (window(&k, w)?, window(&v, w)?.contiguous()?);
-                    self.attention.attend(&window(&q, w)?, &k, &v, &at, mask)
-                })
-                .collect::<Result<Vec<_>>>()?; // each (L, nh * hd)
-            b.out.forward(&Tensor::cat(&outs, 0)?)
+            let (q, k, v) = self.project_qkv(b, h)?;
+            let out = batched.attend(
+                &by_window(q)?,
+                &by_window(k)?,
+                &by_window(v)?,
+                &at,
+                b.window,
+            )?;
+            // (L, n_win * nh * hd) with columns by (window, head) -> rows by (window, token).
+            let width = out.dim(1)? / n_win;
+            let out = (out
+                .reshape((l, n_win, width))?
+                .transpose(0, 1)?
+                .contiguous()?)
+            .reshape((n_win * l, width))?;
+            b.out.forward(&out)
         })
+    }
+
+    /// Each layer's own sliding window, if any.
+    fn layer_windows(&self) -> impl Iterator<Item = Option<usize>> + '_ {
+        self.blocks.iter().map(|b| b.window)
     }
 
     /// The decoder stack over `tokens`, with `attention(layer, block, normed x)` giving each
@@ -319,34 +349,5 @@ impl Model {
             out.extend(ops::nll_from_logits(&logits, &targets[start..start + n])?);
         }
         Ok(out)
-    }
-}
-
-/// The masks of one forward pass: the plan's, and for each distinct layer window the plan's
-/// narrowed to it (built once, not per layer).
-struct LayerMasks {
-    windowed: Vec<(usize, Tensor)>,
-}
-
-impl LayerMasks {
-    fn new(plan: &AttnPlan, blocks: &[Block], device: &Device) -> Result<Self> {
-        let mut windowed: Vec<(usize, Tensor)> = Vec::new();
-        for w in blocks.iter().filter_map(|b| b.window) {
-            if !windowed.iter().any(|(have, _)| *have == w) {
-                windowed.push((w, plan.window_mask(w, device)?));
-            }
-        }
-        Ok(LayerMasks { windowed })
-    }
-
-    fn for_layer<'a>(&'a self, b: &Block, plan_mask: Option<&'a Tensor>) -> Option<&'a Tensor> {
-        match b.window {
-            Some(w) => self
-                .windowed
-                .iter()
-                .find(|(have, _)| *have == w)
-                .map(|(_, m)| m),
-            None => plan_mask,
-        }
     }
 }

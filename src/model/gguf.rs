@@ -327,8 +327,8 @@ fn bad(path: &str, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
-/// Loads a GGUF model, dequantizing every tensor to f32 on `device`.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> {
+/// Loads a GGUF model, dequantizing every tensor to f32 on `device`, then to `dtype`.
+pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel, ModelError> {
     let p = path.display().to_string();
     check_model_file(path)?;
     let mut reader = BufReader::new(File::open(path).map_err(|e| bad(&p, e))?);
@@ -352,7 +352,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, ModelError> 
             .map_err(|e| bad(&p, format!("tensor {name}: {e}")))?;
         tensors.insert(name, t);
     }
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let arch = meta(&content.metadata, "general.architecture", &p)?
         .to_string()
         .map_err(|e| bad(&p, e))?

@@ -18,23 +18,22 @@ use super::{falcon, llama, mpt, neox};
 pub const MODEL_TYPES: &str = "llama, mistral, qwen2, gpt_neox, falcon, mpt";
 
 /// Builds the model of the checkpoint whose `config.json` is `config` and whose tensors are in
-/// the safetensors files `weights`.
-pub fn load_hf(config: &Path, weights: &[PathBuf], device: &Device) -> Result<Model> {
+/// the safetensors files `weights`, on `device` in `dtype`.
+pub fn load_hf(config: &Path, weights: &[PathBuf], dtype: DType, device: &Device) -> Result<Model> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("{}: cannot read the model config", config.display()))?;
     let model_type = model_type(&text).with_context(|| format!("{}", config.display()))?;
-    // SAFETY: the files are mapped read-only; candle copies each tensor out (to f32) on `get`,
+    // SAFETY: the files are mapped read-only; candle copies each tensor out (to `dtype`) on `get`,
     // so nothing refers to the mapping after loading. A file changed while it loads is the
     // caller's race, as with any mmap-based loader.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, DType::F32, device) }.map_err(
-        |e| {
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }.map_err(|e| {
             anyhow!(
                 "{}: cannot read the weights ({})",
                 folder(config),
                 crate::first_line(&e)
             )
-        },
-    )?;
+        })?;
     let model = match model_type.as_str() {
         "llama" | "mistral" | "qwen2" => llama::from_hf(&text, vb),
         "gpt_neox" => neox::from_hf(&text, vb),

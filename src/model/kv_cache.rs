@@ -21,9 +21,10 @@ impl KvCache {
         n_kv_head: usize,
         head_dim: usize,
         capacity: usize,
+        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let zeros = || Tensor::zeros((n_kv_head, capacity, head_dim), DType::F32, device);
+        let zeros = || Tensor::zeros((n_kv_head, capacity, head_dim), dtype, device);
         let layers = (0..n_layer)
             .map(|_| Ok((zeros()?, zeros()?)))
             .collect::<Result<_>>()?;
@@ -121,6 +122,7 @@ impl KvCache {
         for layer in 0..self.layers.len() {
             let (k, v) = self.read(layer, occupied)?;
             for t in [k, v] {
+                let t = t.to_dtype(DType::F32)?;
                 for values in t.flatten_all()?.to_vec1::<f32>()?.chunks(WRITE_CHUNK) {
                     for (b, x) in bytes.chunks_exact_mut(4).zip(values) {
                         b.copy_from_slice(&x.to_le_bytes());
@@ -133,11 +135,12 @@ impl KvCache {
     }
 
     /// The inverse of [`KvCache::write_safetensors`]: a cache of capacity `occupied` (an engine
-    /// grows it as it needs) from `tensors`, which must be exactly the `k.N` and `v.N` of
-    /// `n_layer` layers, each (n_kv_head, occupied, head_dim) f32.
+    /// grows it as it needs) in `dtype` from `tensors`, which must be exactly the `k.N` and `v.N`
+    /// of `n_layer` layers, each (n_kv_head, occupied, head_dim) f32.
     pub fn from_safetensors(
         mut tensors: HashMap<String, Tensor>,
         [n_layer, n_kv_head, occupied, head_dim]: [usize; 4],
+        dtype: DType,
     ) -> Result<Self> {
         let mut take = |name: String| {
             let t = tensors
@@ -150,7 +153,7 @@ impl KvCache {
                     t.dims()
                 )
             }
-            Ok(t)
+            t.to_dtype(dtype)
         };
         let layers: Vec<(Tensor, Tensor)> = (0..n_layer)
             .map(|i| Ok((take(tensor_name('k', i))?, take(tensor_name('v', i))?)))
@@ -191,7 +194,7 @@ mod tests {
     /// A cache of `n_layer` layers whose slot `i` of layer `l` holds keys `l * 1000 + i` and
     /// values their negation.
     fn numbered_cache(n_layer: usize, slots: usize) -> KvCache {
-        let mut cache = KvCache::new(n_layer, 2, 3, slots, &Device::Cpu).unwrap();
+        let mut cache = KvCache::new(n_layer, 2, 3, slots, DType::F32, &Device::Cpu).unwrap();
         for layer in 0..n_layer {
             let k: Vec<f32> = (0..2 * slots * 3)
                 .map(|i| (layer * 1000 + (i / 3) % slots) as f32)
@@ -204,7 +207,7 @@ mod tests {
 
     #[test]
     fn moving_overlapping_slots_works_with_one_kv_head() {
-        let mut cache = KvCache::new(1, 1, 2, 6, &Device::Cpu).unwrap();
+        let mut cache = KvCache::new(1, 1, 2, 6, DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::arange(0f32, 12., &Device::Cpu)
             .unwrap()
             .reshape((1, 6, 2))
@@ -230,7 +233,7 @@ mod tests {
         assert_eq!(cache.capacity(), 40, "what is needed wins over the ceiling");
         let (k, _) = cache.read(1, 5).unwrap();
         assert_eq!(k.to_vec3::<f32>().unwrap()[1][4], vec![1004.0; 3]);
-        let mut empty = KvCache::new(2, 2, 3, 0, &Device::Cpu).unwrap();
+        let mut empty = KvCache::new(2, 2, 3, 0, DType::F32, &Device::Cpu).unwrap();
         empty.ensure_capacity(3, 8).unwrap();
         assert_eq!(empty.capacity(), 3);
     }
@@ -242,7 +245,7 @@ mod tests {
         let mut bytes = Vec::new();
         cache.write_safetensors(7, &mut bytes).unwrap();
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-        let back = KvCache::from_safetensors(tensors, [3, 2, 7, 3]).unwrap();
+        let back = KvCache::from_safetensors(tensors, [3, 2, 7, 3], DType::F32).unwrap();
         assert_eq!(back.capacity(), 7);
         for layer in 0..3 {
             let (k, v) = cache.read(layer, 7).unwrap();
@@ -251,10 +254,10 @@ mod tests {
             assert_eq!(v.to_vec3::<f32>().unwrap(), v2.to_vec3::<f32>().unwrap());
         }
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-        let err = KvCache::from_safetensors(tensors, [3, 2, 8, 3]).unwrap_err();
+        let err = KvCache::from_safetensors(tensors, [3, 2, 8, 3], DType::F32).unwrap_err();
         assert!(err.to_string().contains("expected F32 [2, 8, 3]"), "{err}");
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
-        let err = KvCache::from_safetensors(tensors, [2, 2, 7, 3]).unwrap_err();
+        let err = KvCache::from_safetensors(tensors, [2, 2, 7, 3], DType::F32).unwrap_err();
         assert!(err.to_string().contains("unexpected tensor"), "{err}");
     }
 }

@@ -5,6 +5,8 @@
 //! [`Model`]. [`hf`] picks the family of a Hugging Face checkpoint, [`gguf`] reads GGUF files.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod decoder;
 pub mod falcon;
 pub mod gguf;
@@ -19,7 +21,7 @@ pub mod random;
 pub mod rope;
 pub mod weights;
 
-pub use attention::{AttnPlan, SinkRotation};
+pub use attention::{AttnPlan, SinkRotation, Visibility};
 pub use decoder::{Dims, Model};
 pub use kv_cache::KvCache;
 pub use llama::Config;

@@ -1,8 +1,11 @@
 //! The element-wise operations of every family, one code path for every device: the CPU runs
 //! the kernels of [`super::kernels`] (one vectorized pass each), other devices candle's ops.
 
-use candle_core::{D, Result, Tensor};
+use std::ops::Range;
 
+use candle_core::{D, DType, Device, Result, Tensor};
+
+use super::attention::{KeyMask, Visibility};
 use super::kernels;
 use super::rope::PairLayout;
 
@@ -53,18 +56,69 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: PairLayout) -> Resul
     rotated.squeeze(0)
 }
 
-/// Softmax over the last axis of `parts` (each (heads, rows, n_p)) side by side, plus the
-/// additive `mask` (rows, sum n_p): -inf where a key is not visible.
-pub fn masked_softmax(parts: &[Tensor], mask: Option<&Tensor>) -> Result<Tensor> {
-    if parts[0].device().is_cpu() {
-        return kernels::masked_softmax(parts, mask);
+/// Floats of attention scores one query tile may hold: small on the CPU (the tile stays in
+/// cache), large on a GPU (few, large launches).
+pub fn score_budget(device: &Device) -> usize {
+    match device.is_cpu() {
+        true => 4 << 20,
+        false => 512 << 20,
     }
-    let scores = Tensor::cat(parts, D::Minus1)?.contiguous()?;
-    let scores = match mask {
-        Some(mask) => scores.broadcast_add(mask)?,
-        None => scores,
+}
+
+/// Softmax over the last axis of `parts` (each (heads, rows, n_p)) side by side, for the
+/// queries `rows` of the forward pass, with the keys `mask` hides at exactly 0.
+pub(crate) fn masked_softmax(
+    parts: &[Tensor],
+    mask: &KeyMask,
+    rows: Range<usize>,
+) -> Result<Tensor> {
+    match mask {
+        KeyMask::All => match parts[0].device().is_cpu() {
+            true => kernels::masked_softmax(parts, None),
+            false => candle_nn::ops::softmax_last_dim(&Tensor::cat(parts, D::Minus1)?),
+        },
+        KeyMask::Dense(mask) => {
+            kernels::masked_softmax(parts, Some(&mask.narrow(0, rows.start, rows.len())?))
+        }
+        KeyMask::Rule {
+            fed,
+            n_query,
+            visibility,
+            window,
+        } => fused_masked_softmax(parts, fed, (*n_query, rows.start), *visibility, *window),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn fused_masked_softmax(
+    parts: &[Tensor],
+    fed: &Tensor,
+    (n_query, first_row): (usize, usize),
+    visibility: Visibility,
+    window: Option<u64>,
+) -> Result<Tensor> {
+    let op = super::cuda::MaskedSoftmax {
+        n_query,
+        first_row,
+        visibility,
+        window,
     };
-    candle_nn::ops::softmax_last_dim(&scores)
+    match parts {
+        [a] => a.contiguous()?.apply_op2_no_bwd(fed, &op),
+        [a, b] => a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, fed, &op),
+        _ => candle_core::bail!("masked_softmax takes one or two parts, not {}", parts.len()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_masked_softmax(
+    _: &[Tensor],
+    _: &Tensor,
+    _: (usize, usize),
+    _: Visibility,
+    _: Option<u64>,
+) -> Result<Tensor> {
+    candle_core::bail!("the fused masked softmax needs a build with the cuda feature")
 }
 
 /// NLL of `targets[i]` under row i of `logits` (rows, vocab), from the log-softmax in f32.
@@ -72,7 +126,7 @@ pub fn nll_from_logits(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
     if logits.device().is_cpu() {
         return kernels::nll_from_logits(logits, targets);
     }
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
     let picked = logp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
     Ok(picked.into_iter().map(|lp| -lp).collect())

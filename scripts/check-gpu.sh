@@ -1,44 +1,65 @@
 #!/usr/bin/env bash
-# On a GPU machine with torch: the CUDA build of streamppl (f32) against the references.
-#   1. every transformers fixture (tests/fixtures/hf/*): dense NLLs on --device cuda against
-#      --device cpu (which tests/hf_families.rs checks against transformers): the families'
-#      non-CPU code path, candle's CUDA ops;
-#   2. a random model of SmolLM2-135M's shape (written here with torch, the byte-level fixture
-#      tokenizer, 384 tokens): dense, window:256 and sink:4+252 over 3000 tokens, cuda against cpu.
-# Usage: scripts/check-gpu.sh STREAMPPL_BINARY[.xz] OUT_DIR     (writes OUT_DIR/gpu-check.md)
+# On a GPU machine with torch: the CUDA build of streamppl against the CPU engine.
+#   1. every transformers fixture (tests/fixtures/hf/*), f32: dense, sink:4+60 (block engine,
+#      the fused masked softmax with sinks and, for Mistral, a layer window), recompute:32
+#      (windows batched as heads) and the token engine, cuda against cpu (tests/hf_families.rs
+#      checks cpu against transformers);
+#   2. a random model of SmolLM2-135M's shape and vocabulary (written here with torch; the
+#      tokenizer is SmolLM2's, from `streamppl info MODEL --save-tokenizer`) on the first 3000
+#      tokens of CORPUS: dense, window:256 and sink:4+252, cuda f32 against cpu, and bf16
+#      against f32 on cuda (mean |dNLL| and PPL ratio).
+# Usage: scripts/check-gpu.sh STREAMPPL_BINARY[.xz] SMOLLM2_TOKENIZER_JSON CORPUS OUT_DIR
+#        (writes OUT_DIR/gpu-check.md)
 set -euo pipefail
-BIN=$1; OUT=$2
+BIN=$1; TOKENIZER=$2; CORPUS=$3; OUT=$4
 if [[ "$BIN" == *.xz ]]; then xz -dkf "$BIN"; BIN=${BIN%.xz}; fi
 chmod +x "$BIN"; BIN=$(realpath "$BIN")
-mkdir -p "$OUT"; WORK=$(mktemp -d)
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/GPU: /' > "$OUT/gpu-check.md"
+mkdir -p "$OUT"; WORK=$(mktemp -d); REPORT=$OUT/gpu-check.md
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/GPU: /' > "$REPORT"
 
-echo "## transformers fixtures, dense: cuda vs cpu (cpu vs transformers: tests/hf_families.rs)" >> "$OUT/gpu-check.md"
+# eval DIR DEVICE DTYPE OUT ARGS...: one run, its summary line kept in OUT.log
+run() {
+    local model=$1 dev=$2 dtype=$3 out=$4; shift 4
+    "$BIN" eval --model "$model" --device "$dev" --dtype "$dtype" --out "$out" --rerun "$@" \
+        > "$out.log" 2> "$WORK/err" || { cat "$WORK/err"; exit 1; }
+}
+
+echo "## transformers fixtures, f32: cuda vs cpu (cpu vs transformers: tests/hf_families.rs)" >> "$REPORT"
 for dir in tests/fixtures/hf/*/; do
     name=$(basename "$dir")
     for dev in cpu cuda; do
-        "$BIN" eval --model "$dir" --corpus tests/fixtures/hf/corpus.txt --strategy dense --device $dev --out "$WORK/fx-$dev-$name" > /dev/null 2> "$WORK/err" || { cat "$WORK/err"; exit 1; }
+        run "$dir" $dev f32 "$WORK/fx-$dev-$name" --corpus tests/fixtures/hf/corpus.txt \
+            --strategy dense --strategy sink:4+60 --strategy recompute:32 --block-size 100
+        run "$dir" $dev f32 "$WORK/fxt-$dev-$name" --corpus tests/fixtures/hf/corpus.txt \
+            --strategy sink:4+60 --engine token --max-tokens 300
     done
-    echo "- $name: $("$BIN" compare "$WORK/fx-cpu-$name/dense" "$WORK/fx-cuda-$name/dense")" >> "$OUT/gpu-check.md"
+    for s in dense sink:4+60 recompute:32; do
+        echo "- $name $s: $("$BIN" compare "$WORK/fx-cpu-$name/$s" "$WORK/fx-cuda-$name/$s")" >> "$REPORT"
+    done
+    echo "- $name sink:4+60, token engine: $("$BIN" compare "$WORK/fxt-cpu-$name/sink:4+60" "$WORK/fxt-cuda-$name/sink:4+60")" >> "$REPORT"
 done
 
-echo "## SmolLM2-135M shape, random weights, 3000 tokens, cuda vs cpu (f32)" >> "$OUT/gpu-check.md"
-python3 - "$WORK/smol" <<'EOF'
-import sys, shutil, torch
+echo "## SmolLM2-135M shape and vocabulary, random weights, 3000 tokens of $(basename "$CORPUS")" >> "$REPORT"
+python3 - "$WORK/smol" "$TOKENIZER" <<'PY'
+import sys, shutil, json, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=384, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                   num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
                   rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
                   initializer_range=0.05)
 LlamaForCausalLM(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
-for f in ["tokenizer.json", "tokenizer_config.json"]:
-    shutil.copy(f"tests/fixtures/hf/llama-linear/{f}", sys.argv[1])
-EOF
-for s in dense window:256 sink:4+252; do
-    for dev in cpu cuda; do
-        "$BIN" eval --model "$WORK/smol" --corpus docs/semantics.md --corpus README.md --strategy "$s" --max-tokens 3000 --device $dev --out "$WORK/$dev" > "$WORK/$dev-$s.out" 2> "$WORK/err" || { cat "$WORK/err"; exit 1; }
-    done
-    echo "- $s: $("$BIN" compare "$WORK/cpu/$s" "$WORK/cuda/$s"); cpu: $(grep -o 'PPL = [0-9.]*.*' "$WORK/cpu-$s.out"); cuda: $(grep -o 'PPL = [0-9.]*.*' "$WORK/cuda-$s.out")" >> "$OUT/gpu-check.md"
+shutil.copy(sys.argv[2], f"{sys.argv[1]}/tokenizer.json")
+json.dump({"add_bos_token": False}, open(f"{sys.argv[1]}/tokenizer_config.json", "w"))
+PY
+STRATS=(--strategy dense --strategy window:256 --strategy sink:4+252)
+run "$WORK/smol" cpu f32 "$WORK/cpu" --corpus "$CORPUS" --max-tokens 3000 "${STRATS[@]}"
+for dtype in f32 bf16; do
+    run "$WORK/smol" cuda $dtype "$WORK/cuda-$dtype" --corpus "$CORPUS" --max-tokens 3000 "${STRATS[@]}"
 done
-cat "$OUT/gpu-check.md"
+ppl() { grep -o '"ppl": [0-9.]*' "$1/run.json" | head -1 | awk '{print $2}'; }
+for s in dense window:256 sink:4+252; do
+    echo "- $s, cuda f32 vs cpu: $("$BIN" compare "$WORK/cpu/$s" "$WORK/cuda-f32/$s"); PPL cpu $(ppl "$WORK/cpu/$s"), cuda $(ppl "$WORK/cuda-f32/$s")" >> "$REPORT"
+    echo "- $s, cuda bf16 vs f32: $("$BIN" compare "$WORK/cuda-f32/$s" "$WORK/cuda-bf16/$s"); PPL f32 $(ppl "$WORK/cuda-f32/$s"), bf16 $(ppl "$WORK/cuda-bf16/$s")" >> "$REPORT"
+done
+cat "$REPORT"

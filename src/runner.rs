@@ -164,7 +164,7 @@ impl Compute {
     pub fn from_flags(device: Option<&str>, dtype: Option<&str>) -> Result<Self> {
         let device = match device {
             Some(spec) => parse_device(spec)?,
-            None if cfg!(feature = "cuda") => Device::new_cuda(0).unwrap_or(Device::Cpu),
+            None if cfg!(feature = "cuda") => parse_device("cuda").unwrap_or(Device::Cpu),
             None => Device::Cpu,
         };
         let dtype = match dtype {
@@ -219,12 +219,17 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             "--device {spec}: this streamppl was built without CUDA; build it with `cargo build --release --features cuda` (a CUDA toolkit is needed), or use --device cpu"
         );
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let device = Device::new_cuda(ordinal).map_err(|e| {
         anyhow::anyhow!(
             "--device {spec}: no such CUDA device ({}); check nvidia-smi, or use --device cpu",
             crate::one_line(e)
         )
-    })
+    })?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = &device {
+        crate::model::cuda::keep_freed_memory(gpu)?;
+    }
+    Ok(device)
 }
 
 /// `cpu`, `cuda:0`, ... for records.

@@ -6,7 +6,7 @@
 
 pub mod attention;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub mod cuda;
 pub mod decoder;
 pub mod falcon;
 pub mod gguf;

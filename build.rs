@@ -3,6 +3,7 @@
 fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         compile_ptx("src/model/cuda/attention.cu", "attention.ptx");
+        compile_ptx("src/model/cuda/flash.cu", "flash.ptx");
     }
     println!("cargo:rerun-if-changed=Cargo.lock");
     let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();

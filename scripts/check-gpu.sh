@@ -7,7 +7,10 @@
 #   2. a random model of SmolLM2-135M's shape and vocabulary (written here with torch; the
 #      tokenizer is SmolLM2's, from `streamppl info MODEL --save-tokenizer`) on the first 3000
 #      tokens of CORPUS: dense, window:256 and sink:4+252, cuda f32 against cpu, and bf16
-#      against f32 on cuda (mean |dNLL| and PPL ratio).
+#      against f32 on cuda (mean |dNLL| and PPL ratio);
+#   3. the fused attention kernel (bf16) against the materialized one (STREAMPPL_ATTENTION=
+#      materialized) on that model (head dim 64) and on a small random model of head dim 128:
+#      dense, sink:4+252 and batched exact re-computation.
 # Usage: scripts/check-gpu.sh STREAMPPL_BINARY[.xz] SMOLLM2_TOKENIZER_JSON CORPUS OUT_DIR
 #        (writes OUT_DIR/gpu-check.md)
 set -euo pipefail
@@ -61,5 +64,26 @@ ppl() { grep -o '"ppl": [0-9.]*' "$1/run.json" | head -1 | awk '{print $2}'; }
 for s in dense window:256 sink:4+252; do
     echo "- $s, cuda f32 vs cpu: $("$BIN" compare "$WORK/cpu/$s" "$WORK/cuda-f32/$s"); PPL cpu $(ppl "$WORK/cpu/$s"), cuda $(ppl "$WORK/cuda-f32/$s")" >> "$REPORT"
     echo "- $s, cuda bf16 vs f32: $("$BIN" compare "$WORK/cuda-f32/$s" "$WORK/cuda-bf16/$s"); PPL f32 $(ppl "$WORK/cuda-f32/$s"), bf16 $(ppl "$WORK/cuda-bf16/$s")" >> "$REPORT"
+done
+echo "## fused attention vs materialized scores, bf16 (same dtype: only the attention differs)" >> "$REPORT"
+python3 - "$WORK/hd128" "$TOKENIZER" <<'PY'
+import sys, shutil, json, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                  rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False,
+                  initializer_range=0.05)
+LlamaForCausalLM(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
+shutil.copy(sys.argv[2], f"{sys.argv[1]}/tokenizer.json")
+json.dump({"add_bos_token": False}, open(f"{sys.argv[1]}/tokenizer_config.json", "w"))
+PY
+FUSED=(--strategy dense --strategy sink:4+252 --strategy recompute:256 --max-tokens 1500)
+for m in smol hd128; do
+    run "$WORK/$m" cuda bf16 "$WORK/fused-$m" --corpus "$CORPUS" "${FUSED[@]}"
+    STREAMPPL_ATTENTION=materialized run "$WORK/$m" cuda bf16 "$WORK/mat-$m" --corpus "$CORPUS" "${FUSED[@]}"
+    for s in dense sink:4+252 recompute:256; do
+        echo "- $m $s: $("$BIN" compare "$WORK/mat-$m/$s" "$WORK/fused-$m/$s"); PPL materialized $(ppl "$WORK/mat-$m/$s"), fused $(ppl "$WORK/fused-$m/$s")" >> "$REPORT"
+    done
 done
 cat "$REPORT"

@@ -260,9 +260,13 @@ impl Attention {
             )),
             None => None,
         };
+        let mask = at.mask(window);
+        let sink_queries = q_sink.as_ref().map(|(n, _, q)| (*n, q));
+        if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask)? {
+            return Ok(out);
+        }
         // Query tiles keep the (heads, tile, keys) scores within the device's budget.
         let tile = (ops::score_budget(q.device()) / (nh * n_keys.max(1))).clamp(1, t.max(1));
-        let mask = at.mask(window);
         let mut outs = Vec::with_capacity(t.div_ceil(tile));
         for start in (0..t).step_by(tile) {
             let tq = tile.min(t - start);
@@ -296,6 +300,62 @@ impl Attention {
         }
         .transpose(0, 1)?
         .reshape((t, nh * hd))
+    }
+
+    /// The attention of placed queries `q` (and `q_sink` for the first sink slots) over placed
+    /// keys `k` and values `v` by a GPU's fused kernel, scores never leaving the chip:
+    /// (T, nh * hd), or `None` where the kernel does not apply (the CPU, f32, ALiBi, other head
+    /// dims, or `STREAMPPL_ATTENTION=materialized`).
+    #[cfg(feature = "cuda")]
+    fn fused(
+        &self,
+        q: &Tensor,
+        q_sink: Option<(usize, &Tensor)>,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &KeyMask,
+    ) -> Result<Option<Tensor>> {
+        use super::cuda::{FlashAttention, materialized_attention_forced};
+        let KeyMask::Rule {
+            fed,
+            n_query,
+            visibility,
+            window,
+        } = mask
+        else {
+            return Ok(None);
+        };
+        let rope = matches!(self.positions, PositionScheme::Rope(_));
+        if !rope
+            || !FlashAttention::supports(q.dtype(), self.head_dim)
+            || materialized_attention_forced()
+        {
+            return Ok(None);
+        }
+        let op = FlashAttention {
+            q_sink: q_sink.map(|(_, q)| q.contiguous()).transpose()?,
+            n_sink: q_sink.map_or(0, |(n, _)| n),
+            fed: fed.clone(),
+            n_query: *n_query,
+            first_row: 0,
+            visibility: *visibility,
+            window: *window,
+        };
+        let (nh, t, hd) = q.dims3()?;
+        let out = (q.contiguous()?).apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+        Ok(Some(out.reshape((t, nh * hd))?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn fused(
+        &self,
+        _: &Tensor,
+        _: Option<(usize, &Tensor)>,
+        _: &Tensor,
+        _: &Tensor,
+        _: &KeyMask,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// Scores (nh, tq, n) of placed queries (nh, tq, hd) against placed keys (nkv, n, hd),

@@ -5,7 +5,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, sys};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+    Shape,
 };
 
 use super::attention::Visibility;
@@ -42,13 +43,17 @@ pub fn keep_freed_memory(device: &CudaDevice) -> Result<()> {
 
 /// The kernel `name`_f32, `_bf16` or `_f16` for `dtype`.
 fn kernel(name: &str, dtype: DType) -> Result<String> {
-    let suffix = match dtype {
+    Ok(format!("{name}_{}", kernel_suffix(dtype)?))
+}
+
+/// `f32`, `bf16` or `f16`: how a kernel's name says its element type.
+fn kernel_suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         DType::F16 => "f16",
-        other => candle_core::bail!("{name} has no {other:?} kernel"),
-    };
-    Ok(format!("{name}_{suffix}"))
+        other => candle_core::bail!("no {other:?} kernel"),
+    })
 }
 
 /// The softmax over one or two score parts (heads, rows, n_p) side by side, with the
@@ -236,8 +241,14 @@ impl Nll {
         let (rows, vocab) = logits.1.shape().dims2()?;
         let dev = logits.0.device();
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let x = logits.0.as_cuda_slice::<T>()?.slice(logits.1.start_offset()..);
-        let t = targets.0.as_cuda_slice::<u32>()?.slice(targets.1.start_offset()..);
+        let x = logits
+            .0
+            .as_cuda_slice::<T>()?
+            .slice(logits.1.start_offset()..);
+        let t = targets
+            .0
+            .as_cuda_slice::<u32>()?
+            .slice(targets.1.start_offset()..);
         // SAFETY: the kernel writes every row.
         let out = unsafe { dev.alloc::<f32>(rows)? };
         let mut builder = func.builder();
@@ -336,5 +347,162 @@ impl CustomOp1 for SiluMul {
             _ => Self::launch::<half::f16>((s, l), &name)?,
         };
         Ok((out, Shape::from((rows, two_f / 2))))
+    }
+}
+
+/// The elements of `storage` from `offset` on.
+fn view<T: CudaDType>(
+    storage: &CudaStorage,
+    offset: usize,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>> {
+    Ok(storage.as_cuda_slice::<T>()?.slice(offset..))
+}
+
+/// The CUDA storage of a tensor's storage.
+fn on_gpu(storage: &candle_core::Storage) -> Result<&CudaStorage> {
+    match storage {
+        candle_core::Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("flash attention inputs must all be on the GPU"),
+    }
+}
+
+/// Whether `STREAMPPL_ATTENTION=materialized` asks for the attention with its scores written
+/// out (the path f32 and ALiBi take) instead of the fused kernel: a switch for comparing the two.
+pub fn materialized_attention_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("STREAMPPL_ATTENTION").is_ok_and(|v| v == "materialized"))
+}
+
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash.ptx"));
+const FLASH_MODULE: &str = "streamppl_flash";
+
+/// Attention with the scores kept on chip (`flash.cu`): queries (nh, rows, hd), keys and values
+/// (nkv, n_keys, hd), all placed and contiguous, bf16 or f16, hd 64 or 128; returns
+/// (rows, nh, hd). The op's inputs are (q, k, v); the sink queries and the fed indices
+/// `[q_fed of the pass's n_query queries; k_fed]` (i64) ride along in the op.
+pub struct FlashAttention {
+    pub q_sink: Option<candle_core::Tensor>,
+    pub n_sink: usize,
+    pub fed: candle_core::Tensor,
+    pub n_query: usize,
+    pub first_row: usize,
+    pub visibility: Visibility,
+    pub window: Option<u64>,
+}
+
+impl FlashAttention {
+    /// Whether the kernel covers queries of this dtype and head dimension.
+    pub fn supports(dtype: DType, head_dim: usize) -> bool {
+        matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
+    }
+
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        q: Input,
+        k: Input,
+        v: Input,
+    ) -> Result<CudaStorage> {
+        let (nh, rows, hd) = q.1.shape().dims3()?;
+        let (nkv, n_keys, _) = k.1.shape().dims3()?;
+        let q_sink = self.q_sink.as_ref().map(|t| t.storage_and_layout());
+        let (fed, fed_layout) = self.fed.storage_and_layout();
+        let (q_sink_storage, q_sink_offset) = match &q_sink {
+            Some((s, l)) => (on_gpu(s)?, l.start_offset()),
+            None => (q.0, q.1.start_offset()),
+        };
+        let fed = on_gpu(&fed)?;
+        let dev = q.0.device();
+        let name = format!("flash_attention_{}_{hd}", kernel_suffix(q.0.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, FLASH_MODULE, FLASH_PTX)?;
+        let (qv, qsv) = (
+            view::<T>(q.0, q.1.start_offset())?,
+            view::<T>(q_sink_storage, q_sink_offset)?,
+        );
+        let (kv, vv) = (
+            view::<T>(k.0, k.1.start_offset())?,
+            view::<T>(v.0, v.1.start_offset())?,
+        );
+        let fv = fed
+            .as_cuda_slice::<i64>()?
+            .slice(fed_layout.start_offset()..);
+        // SAFETY: the kernel writes every (row, head, dim) of the output.
+        let out = unsafe { dev.alloc::<T>(rows * nh * hd)? };
+        let mut builder = func.builder();
+        for arg in [&qv, &qsv, &kv, &vv] {
+            builder.arg(arg);
+        }
+        builder.arg(&out);
+        builder.arg(&fv);
+        candle_core::builder_arg!(
+            builder,
+            nh as i32,
+            nkv as i32,
+            rows as i32,
+            n_keys as i32,
+            self.n_sink as i32,
+            self.n_query as i32,
+            self.first_row as i32,
+            clamp_i64(self.visibility.sinks),
+            clamp_i64(self.visibility.recent),
+            clamp_i64(self.window.unwrap_or(u64::MAX))
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(64) as u32, nh as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches `flash_attention_*` in flash.cu.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA only (the CPU has its own kernels)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (nh, rows, hd) = l1.shape().dims3()?;
+        let (nkv, _, khd) = l2.shape().dims3()?;
+        let sink_layout = self.q_sink.as_ref().map(|t| t.layout().clone());
+        // 16-byte rows of K and V, contiguous inputs, whole groups of query heads per KV head.
+        let aligned = |l: &Layout| l.is_contiguous() && l.start_offset() % 8 == 0;
+        if !FlashAttention::supports(s1.dtype(), hd)
+            || khd != hd
+            || nkv == 0
+            || nh % nkv != 0
+            || ![l1, l2, l3]
+                .into_iter()
+                .chain(sink_layout.as_ref())
+                .all(aligned)
+        {
+            candle_core::bail!("flash attention got q {:?}, k {:?}", l1.shape(), l2.shape())
+        }
+        let out = match s1.dtype() {
+            DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2), (s3, l3))?,
+            _ => self.launch::<half::f16>((s1, l1), (s2, l2), (s3, l3))?,
+        };
+        Ok((out, Shape::from((rows, nh, hd))))
     }
 }

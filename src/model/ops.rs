@@ -32,7 +32,9 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
         return kernels::silu_mul(gate_up);
     }
     #[cfg(feature = "cuda")]
-    return gate_up.contiguous()?.apply_op1_no_bwd(&super::cuda::SiluMul);
+    return gate_up
+        .contiguous()?
+        .apply_op1_no_bwd(&super::cuda::SiluMul);
     #[cfg(not(feature = "cuda"))]
     no_gpu_kernel("silu_mul")
 }

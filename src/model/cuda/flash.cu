@@ -1,0 +1,251 @@
+// Fused attention for the GPU path (bf16 and f16, head dims 64 and 128), in the manner of
+// FlashAttention-2: the scores of a tile of 64 queries against 32 keys at a time stay on chip
+// (tensor-core products through WMMA, an online softmax in f32), so no (queries x keys) matrix is
+// ever written to memory. The keys each query sees follow the strategy's rule on fed indices
+// (sinks, recent window, a layer's own window), and tiles that no query of the block can see are
+// skipped. The sink keys (slots 0..n_sink) are scored by the queries placed at their sink
+// positions (`q_sink`), the others by the queries at their own positions (`q`): both in one
+// softmax. Output rows are written as (query, head, dim), the layout the output projection
+// reads. Built to PTX by build.rs when the `cuda` feature is on.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <climits>
+#include <mma.h>
+
+using namespace nvcuda;
+
+#define BQ 64  // queries per block: 4 warps of 16 rows
+#define BK 32  // keys per tile
+#define WARPS 4
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+
+__device__ __forceinline__ bool visible(long long t, long long j, long long sinks, long long recent,
+                                        long long window) {
+    return j <= t && (j < sinks || t - j <= recent) && t - j < window;
+}
+
+struct Rule {
+    long long sinks, recent, window;
+};
+
+// Shared memory of one block; the K and V tiles double as the staging area of the queries.
+template <typename T, int HD> struct Smem {
+    T k[BK * HD];
+    T v[BK * HD];
+    float s[WARPS][16 * BK];
+    T p[WARPS][16 * BK];
+    float scratch[WARPS][16 * 16];
+    float row_scale[WARPS][16];
+    long long k_fed[BK];
+    long long q_range[2];
+    long long k_range[2];
+};
+
+// Loads the warp's 16 query rows (zero past `rows`) of `q` (rows, HD) into fragments, staged
+// through `stage` (16 x HD elements of this warp's own).
+template <typename T, int HD>
+__device__ void load_queries(const T *q, int row0, int rows, T *stage,
+                             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> *qa) {
+    const int lane = threadIdx.x & 31;
+    for (int e = lane; e < 16 * HD; e += 32) {
+        const int r = e / HD;
+        stage[e] = row0 + r < rows ? q[(long long)(row0 + r) * HD + e % HD] : from_float<T>(0.0f);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) wmma::load_matrix_sync(qa[kk], stage + kk * 16, HD);
+    __syncwarp();
+}
+
+// Multiplies each row of the accumulators `o` by row_scale[row], through the warp's scratch.
+template <int HD>
+__device__ void scale_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> *o, float *scratch,
+                           const float *row_scale) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < HD / 16; j++) {
+        wmma::store_matrix_sync(scratch, o[j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) scratch[e] *= row_scale[e / 16];
+        __syncwarp();
+        wmma::load_matrix_sync(o[j], scratch, 16, wmma::mem_row_major);
+        __syncwarp();
+    }
+}
+
+// q, q_sink: (nh, rows, HD); k, v: (nkv, n_keys, HD); out: (rows, nh, HD).
+// fed: fed indices of the pass's n_query queries, then of the n_keys keys; this call's rows
+// are queries first_row .. first_row + rows.
+template <typename T, int HD>
+__device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T *v, T *out,
+                                const long long *fed, int nh, int nkv, int rows, int n_keys,
+                                int n_sink, int n_query, int first_row, Rule rule) {
+    __shared__ __align__(128) Smem<T, HD> sm;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h = blockIdx.y, kvh = h / (nh / nkv);
+    const int block_row0 = blockIdx.x * BQ, row0 = block_row0 + warp * 16;
+    const long long *q_fed = fed + first_row, *k_fed = fed + n_query;
+    q += (long long)h * rows * HD;
+    q_sink += (long long)h * rows * HD;
+    k += (long long)kvh * n_keys * HD;
+    v += (long long)kvh * n_keys * HD;
+
+    // The block's query range, for skipping tiles none of its queries sees.
+    if (threadIdx.x == 0) {
+        long long lo = LLONG_MAX, hi = LLONG_MIN;
+        for (int i = block_row0; i < min(block_row0 + BQ, rows); i++) {
+            lo = min(lo, q_fed[i]);
+            hi = max(hi, q_fed[i]);
+        }
+        sm.q_range[0] = lo;
+        sm.q_range[1] = hi;
+    }
+
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[HD / 16];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[HD / 16];
+#pragma unroll
+    for (int j = 0; j < HD / 16; j++) wmma::fill_fragment(o[j], 0.0f);
+    // Two lanes per row: this lane's row of the warp, and its half of the tile's keys.
+    const int my_row = lane >> 1, half = lane & 1;
+    const int my_query = row0 + my_row;
+    const long long t = my_query < rows ? q_fed[my_query] : -1;  // -1: sees nothing
+    float m = -INFINITY, l = 0.0f;
+    T *stage = (warp < 2 ? sm.k : sm.v) + (warp & 1) * 16 * HD;
+
+    // Segment 0: the sink slots, scored by q_sink; segment 1: the rest, scored by q.
+    for (int segment = 0; segment < 2; segment++) {
+        const int seg_start = segment == 0 ? 0 : n_sink, seg_end = segment == 0 ? n_sink : n_keys;
+        if (seg_start >= seg_end) continue;
+        __syncthreads();  // the K/V tiles double as the staging area
+        load_queries<T, HD>(segment == 0 ? q_sink : q, row0, rows, stage, qa);
+        for (int start = seg_start; start < seg_end; start += BK) {
+            const int n_tile = min(BK, seg_end - start);
+            __syncthreads();  // the previous tile (or the staging) is done with sm.k / sm.v
+            if (threadIdx.x < BK) sm.k_fed[threadIdx.x] = threadIdx.x < n_tile ? k_fed[start + threadIdx.x] : LLONG_MAX;
+            // K and V rows as 16-byte vectors, zero past the tile's keys.
+            constexpr int VEC = 16 / sizeof(T), PER_ROW = HD / VEC;
+            for (int e = threadIdx.x; e < BK * PER_ROW; e += blockDim.x) {
+                const int r = e / PER_ROW, c = (e % PER_ROW) * VEC;
+                int4 kv = make_int4(0, 0, 0, 0), vv = make_int4(0, 0, 0, 0);
+                if (r < n_tile) {
+                    kv = *reinterpret_cast<const int4 *>(k + (long long)(start + r) * HD + c);
+                    vv = *reinterpret_cast<const int4 *>(v + (long long)(start + r) * HD + c);
+                }
+                *reinterpret_cast<int4 *>(sm.k + r * HD + c) = kv;
+                *reinterpret_cast<int4 *>(sm.v + r * HD + c) = vv;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                long long lo = LLONG_MAX, hi = LLONG_MIN;
+                for (int j = 0; j < n_tile; j++) {
+                    lo = min(lo, sm.k_fed[j]);
+                    hi = max(hi, sm.k_fed[j]);
+                }
+                sm.k_range[0] = lo;
+                sm.k_range[1] = hi;
+            }
+            __syncthreads();
+            const long long q_lo = sm.q_range[0], q_hi = sm.q_range[1];
+            const long long k_lo = sm.k_range[0], k_hi = sm.k_range[1];
+            // No query of the block sees any key of the tile: all in the future, all evicted
+            // (no sink among them), or all beyond the layer's window.
+            if (k_lo > q_hi || (k_lo >= rule.sinks && q_lo - k_hi > rule.recent) ||
+                q_lo - k_hi >= rule.window)
+                continue;
+
+            // Scores of the warp's 16 queries against the tile's keys.
+#pragma unroll
+            for (int n = 0; n < BK / 16; n++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+                wmma::fill_fragment(s, 0.0f);
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
+                    wmma::load_matrix_sync(kb, sm.k + n * 16 * HD + kk * 16, HD);
+                    wmma::mma_sync(s, qa[kk], kb, s);
+                }
+                wmma::store_matrix_sync(sm.s[warp] + n * 16, s, BK, wmma::mem_row_major);
+            }
+            __syncwarp();
+
+            // Online softmax over the lane's half row.
+            float x[BK / 2];
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int c = 0; c < BK / 2; c++) {
+                const int col = half * (BK / 2) + c;
+                const bool vis = visible(t, sm.k_fed[col], rule.sinks, rule.recent, rule.window);
+                x[c] = vis ? sm.s[warp][my_row * BK + col] : -INFINITY;
+                tile_max = fmaxf(tile_max, x[c]);
+            }
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
+            const float m_new = fmaxf(m, tile_max);
+            const float scale = m_new == -INFINITY ? 1.0f : expf(m - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < BK / 2; c++) {
+                const float p = x[c] == -INFINITY ? 0.0f : expf(x[c] - m_new);
+                sum += p;
+                sm.p[warp][my_row * BK + half * (BK / 2) + c] = from_float<T>(p);
+            }
+            sum += __shfl_xor_sync(0xffffffff, sum, 1);
+            l = l * scale + sum;
+            m = m_new;
+            if (half == 0) sm.row_scale[warp][my_row] = scale;
+            __syncwarp();
+            if (__any_sync(0xffffffff, scale != 1.0f))
+                scale_rows<HD>(o, sm.scratch[warp], sm.row_scale[warp]);
+
+            // O += P V.
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
+                wmma::load_matrix_sync(pa, sm.p[warp] + kk * 16, BK);
+#pragma unroll
+                for (int j = 0; j < HD / 16; j++) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
+                    wmma::load_matrix_sync(vb, sm.v + kk * 16 * HD + j * 16, HD);
+                    wmma::mma_sync(o[j], pa, vb, o[j]);
+                }
+            }
+        }
+    }
+
+    // out = O / l, for the rows that exist (a row that sees nothing gets zeros).
+    if (half == 0) sm.row_scale[warp][my_row] = l > 0.0f ? 1.0f / l : 0.0f;
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < HD / 16; j++) {
+        wmma::store_matrix_sync(sm.scratch[warp], o[j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+            const int r = e / 16, query = row0 + r;
+            if (query < rows)
+                out[((long long)query * nh + h) * HD + j * 16 + e % 16] =
+                    from_float<T>(sm.scratch[warp][e] * sm.row_scale[warp][r]);
+        }
+        __syncwarp();
+    }
+}
+
+#define FLASH(SUFFIX, T, HD)                                                                      \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) flash_attention_##SUFFIX##_##HD(     \
+        const T *q, const T *q_sink, const T *k, const T *v, T *out, const long long *fed,          \
+        int nh, int nkv, int rows, int n_keys, int n_sink, int n_query, int first_row,              \
+        long long sinks, long long recent, long long window) {                                     \
+        flash_attention<T, HD>(q, q_sink, k, v, out, fed, nh, nkv, rows, n_keys, n_sink, n_query,  \
+                               first_row, Rule{sinks, recent, window});                           \
+    }
+
+FLASH(bf16, __nv_bfloat16, 64)
+FLASH(bf16, __nv_bfloat16, 128)
+FLASH(f16, __half, 64)
+FLASH(f16, __half, 128)

@@ -284,7 +284,11 @@ impl Experiment {
                     sink_text: run.sink_text.clone(),
                     max_tokens: self.max_tokens(scale),
                     engine: EngineKind::Block(block_size),
-                    score_every: run.score_every.and_then(|k| k.get(scale)),
+                    // 1 = every token: exact, not a sample.
+                    score_every: run
+                        .score_every
+                        .and_then(|k| k.get(scale))
+                        .filter(|&k| k > 1),
                 };
                 options
                     .validate()

@@ -8,7 +8,7 @@ use super::figures::fmt_ppl;
 use super::table::cell;
 use super::{Run, plot_latency, plot_long_stream, render_sweep};
 use crate::eval::numerics_epoch;
-use crate::experiment::{Kind, Plot};
+use crate::experiment::{Kind, Plot, Scale};
 use crate::nll_log::NllLog;
 use crate::records::experiment::{EXPERIMENT_JSON, ExperimentRecord};
 use crate::records::latency::LatencyPoint;
@@ -36,6 +36,9 @@ pub fn render_experiment(dir: &Path) -> Result<String> {
     let rec = ExperimentRecord::read(dir)?;
     let exp = &rec.experiment;
     let mut figures = Vec::new();
+    if exp.kind == Kind::Runs && !logs_present(dir, &rec) {
+        return saved_section(dir, &rec);
+    }
     let (table, reading) = match exp.kind {
         Kind::Runs => {
             let runs = load(dir, &rec)?;
@@ -53,8 +56,9 @@ pub fn render_experiment(dir: &Path) -> Result<String> {
             (latency_table(&rec), latency_reading(&rec))
         }
     };
+    let compute = compute_of(dir, &rec).map_or(String::new(), |c| format!("{c} · "));
     let header = format!(
-        "Scale `{}` · model `{}` · corpus `{}` · {} threads · finished {}\n\n",
+        "Scale `{}` · model `{}` · corpus `{}` · {compute}{} threads · finished {}\n\n",
         rec.scale.name(),
         file_name(&rec.model),
         rec.corpus.join(", "),
@@ -67,15 +71,142 @@ pub fn render_experiment(dir: &Path) -> Result<String> {
     );
     std::fs::write(dir.join("table.md"), &file)
         .with_context(|| format!("{}: cannot write table.md", dir.display()))?;
-    let mut section = format!(
-        "## {} ({})\n\n{}\n\n{header}{table}\n",
-        exp.name, exp.mirrors, exp.title
-    );
+    let mut section = format!("{}\n\n{}\n\n{header}{table}\n", heading(&rec), exp.title);
     for f in &figures {
         let _ = writeln!(section, "![{}]({f})\n", exp.name);
     }
     let _ = writeln!(section, "**Reading.** {reading}");
     Ok(section)
+}
+
+/// Milliseconds with one decimal, or three significant digits below 1 ms (a GPU's block
+/// engine needs hundredths of a millisecond per token).
+fn fmt_ms(ms: f64) -> String {
+    match ms < 1.0 {
+        true => format!("{ms:.3}"),
+        false => format!("{ms:.1}"),
+    }
+}
+
+/// `## NAME (MIRRORS)`, with the scale when it is not the default one.
+fn heading(rec: &ExperimentRecord) -> String {
+    let exp = &rec.experiment;
+    match rec.scale {
+        Scale::Default => format!("## {} ({})", exp.name, exp.mirrors),
+        scale => format!("## {} ({}), {} scale", exp.name, exp.mirrors, scale.name()),
+    }
+}
+
+/// Whether every run of the experiment still has its per-token log.
+fn logs_present(dir: &Path, rec: &ExperimentRecord) -> bool {
+    (rec.runs.iter()).all(|e| dir.join(&e.dir).join("nll.parquet").is_file())
+}
+
+/// The record of each run of the experiment, by run id (no per-token logs needed).
+fn run_records(dir: &Path, rec: &ExperimentRecord) -> Result<Vec<(String, RunRecord)>> {
+    (rec.runs.iter())
+        .map(|e| {
+            Ok((
+                e.id.clone(),
+                RunRecord::read_json(&dir.join(&e.dir).join("run.json"))?,
+            ))
+        })
+        .collect()
+}
+
+/// `cuda:0 bf16`: where the experiment's runs ran, from the first run's record (`None` for
+/// records from before devices were recorded).
+fn compute_of(dir: &Path, rec: &ExperimentRecord) -> Option<String> {
+    let first = rec.runs.first()?;
+    let run = RunRecord::read_json(&dir.join(&first.dir).join("run.json")).ok()?;
+    let details = run.model.details?;
+    Some(format!("{} {}", details.device, details.dtype))
+}
+
+/// The section of an experiment whose per-token logs are not kept (large paper-scale runs):
+/// its table.md and figures as `reproduce` wrote them, which the logs would reproduce exactly.
+fn saved_section(dir: &Path, rec: &ExperimentRecord) -> Result<String> {
+    let exp = &rec.experiment;
+    let on_gpu = compute_of(dir, rec).is_some_and(|c| c.starts_with("cuda"));
+    let rerun = format!(
+        "streamppl reproduce {} --scale {}{} --out {}",
+        exp.name,
+        rec.scale.name(),
+        if on_gpu { " --device cuda" } else { "" },
+        dir.display()
+    );
+    let saved = std::fs::read_to_string(dir.join("table.md")).with_context(|| {
+        format!(
+            "{}: neither the per-token logs nor table.md; regenerate with `{rerun}`",
+            dir.display()
+        )
+    })?;
+    // table.md is `# title`, the description, then the header, table and reading.
+    let body = saved.split_once('\n').map_or("", |(_, rest)| rest).trim();
+    let mut section = format!("{}\n\n{}\n\n{body}\n\n", heading(rec), exp.title);
+    let mut pngs: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".png"))
+        .collect();
+    pngs.sort();
+    for png in pngs {
+        let _ = writeln!(section, "![{}]({png})\n", exp.name);
+    }
+    let _ = writeln!(
+        section,
+        "_The per-token logs of these runs are not in the repository (too large): the table and figures are as `reproduce` wrote them; `{rerun}` recomputes them._"
+    );
+    Ok(section)
+}
+
+/// One table per experiment run at several scales (or on several devices): each run's PPL
+/// and scored tokens side by side, from the run records.
+fn scales_side_by_side(results: &Path, dirs: &[PathBuf]) -> Result<String> {
+    let mut by_name: Vec<(String, Vec<(PathBuf, ExperimentRecord)>)> = Vec::new();
+    for dir in dirs {
+        let rec = ExperimentRecord::read(dir)?;
+        match by_name.iter_mut().find(|(n, _)| *n == rec.experiment.name) {
+            Some((_, list)) => list.push((dir.clone(), rec)),
+            None => by_name.push((rec.experiment.name.clone(), vec![(dir.clone(), rec)])),
+        }
+    }
+    let mut md = String::new();
+    // Latency experiments have no runs: their own sections compare the devices.
+    by_name.retain(|(_, list)| list.len() > 1 && !list[0].1.runs.is_empty());
+    for (name, list) in &mut by_name {
+        // Quick, default, then paper scale.
+        list.sort_by_key(|(_, rec)| Scale::ALL.iter().position(|s| *s == rec.scale));
+        let _ = write!(md, "### {name}\n\n| run |");
+        let mut columns = Vec::new();
+        for (dir, rec) in list.iter() {
+            let compute = compute_of(dir, rec).unwrap_or_else(|| "cpu f32".into());
+            let rel = dir
+                .strip_prefix(results)
+                .unwrap_or(dir)
+                .display()
+                .to_string();
+            let _ = write!(md, " `{rel}`: {}, {compute} |", rec.scale.name());
+            columns.push(run_records(dir, rec)?);
+        }
+        let _ = writeln!(md, "\n|---|{}", "---:|".repeat(list.len()));
+        for entry in &list[0].1.runs {
+            let _ = write!(md, "| {} |", cell(&entry.id));
+            for runs in &columns {
+                let value = runs.iter().find(|(id, _)| *id == entry.id).map_or(
+                    "-".to_string(),
+                    |(_, r)| {
+                        let sample = r.options.score_every.filter(|&k| k > 1);
+                        let sample = sample.map_or(String::new(), |k| format!(", sample 1/{k}"));
+                        format!("{} ({} tokens{sample})", fmt_ppl(r.ppl), r.tokens_scored)
+                    },
+                );
+                let _ = write!(md, " {value} |");
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    Ok(md)
 }
 
 fn file_name(path: &str) -> String {
@@ -458,7 +589,7 @@ fn latency_table(rec: &ExperimentRecord) -> String {
         out.push_str("---:|");
     }
     out.push('\n');
-    let ms = |p: Option<&LatencyPoint>| p.map_or("".into(), |p| format!("{:.1}", p.ms_per_token));
+    let ms = |p: Option<&LatencyPoint>| p.map_or("".into(), |p| fmt_ms(p.ms_per_token));
     let rss = |p: Option<&LatencyPoint>| {
         p.and_then(|p| p.peak_rss_mib)
             .map_or("–".into(), |v| format!("{v:.0}"))
@@ -538,8 +669,9 @@ fn latency_reading(rec: &ExperimentRecord) -> String {
     if let (Some(bf), Some(bl)) = (b.first(), b.last()) {
         let _ = write!(
             out,
-            " The block engine needs {:.1} to {:.1} ms per token for the same strategy.",
-            bf.ms_per_token, bl.ms_per_token
+            " The block engine needs {} to {} ms per token for the same strategy.",
+            fmt_ms(bf.ms_per_token),
+            fmt_ms(bl.ms_per_token)
         );
     }
     out.push_str(" The paper reports 22.2x for Llama-2-13B at cache 4096 on a GPU.");
@@ -563,10 +695,21 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
             results.display()
         );
     }
-    dirs.sort();
+    // By scale (quick, default, paper), then by folder.
+    let scale_rank = |d: &PathBuf| {
+        ExperimentRecord::read(d).map_or(0, |r| {
+            Scale::ALL.iter().position(|s| *s == r.scale).unwrap_or(0)
+        })
+    };
+    dirs.sort_by_cached_key(|d| (scale_rank(d), d.clone()));
     let mut md = String::from(
         "# Reproducing StreamingLLM (Xiao et al., ICLR 2024)\n\nRegenerated from the result files by `streamppl report`. Each section is one experiment file of `experiments/`, our numbers beside the paper's; the paper used 7B-13B models, we use the default model, so absolute values differ and the comparison is of shapes and orderings.\n\n",
     );
+    let side_by_side = scales_side_by_side(results, &dirs)?;
+    if !side_by_side.is_empty() {
+        md.push_str("## Scales and devices side by side\n\nPPL (scored tokens) of each experiment's runs wherever it was run: the CPU's default scale beside the GPU's paper scale (`results/paper-h200/`). Sections for each follow.\n\n");
+        md.push_str(&side_by_side);
+    }
     for dir in &dirs {
         let section = render_experiment(dir)?;
         let rel = dir.strip_prefix(results).unwrap_or(dir);

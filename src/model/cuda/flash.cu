@@ -16,8 +16,13 @@
 using namespace nvcuda;
 
 #define BQ 64  // queries per block: 4 warps of 16 rows
-#define BK 32  // keys per tile
 #define WARPS 4
+// Keys per tile: 64 at head dim 64, 32 at 128 (what fits the 48 KB of static shared memory).
+#define TILE_KEYS(HD) ((HD) == 64 ? 64 : 32)
+// A row's running max is raised only when a tile's max exceeds it by more than this (in nats):
+// the probabilities stay below e^8 (well inside f32 and bf16), and the accumulated output is
+// rescaled far less often (FlashAttention-3's lazy rescaling).
+#define RESCALE_MARGIN 8.0f
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -37,7 +42,7 @@ struct Rule {
 };
 
 // Shared memory of one block; the K and V tiles double as the staging area of the queries.
-template <typename T, int HD> struct Smem {
+template <typename T, int HD, int BK> struct Smem {
     T k[BK * HD];
     T v[BK * HD];
     float s[WARPS][16 * BK];
@@ -84,11 +89,11 @@ __device__ void scale_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> 
 // q, q_sink: (nh, rows, HD); k, v: (nkv, n_keys, HD); out: (rows, nh, HD).
 // fed: fed indices of the pass's n_query queries, then of the n_keys keys; this call's rows
 // are queries first_row .. first_row + rows.
-template <typename T, int HD>
+template <typename T, int HD, int BK>
 __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T *v, T *out,
                                 const long long *fed, int nh, int nkv, int rows, int n_keys,
                                 int n_sink, int n_query, int first_row, Rule rule) {
-    __shared__ __align__(128) Smem<T, HD> sm;
+    __shared__ __align__(128) Smem<T, HD, BK> sm;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int h = blockIdx.y, kvh = h / (nh / nkv);
     const int block_row0 = blockIdx.x * BQ, row0 = block_row0 + warp * 16;
@@ -129,7 +134,34 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
         for (int start = seg_start; start < seg_end; start += BK) {
             const int n_tile = min(BK, seg_end - start);
             __syncthreads();  // the previous tile (or the staging) is done with sm.k / sm.v
-            if (threadIdx.x < BK) sm.k_fed[threadIdx.x] = threadIdx.x < n_tile ? k_fed[start + threadIdx.x] : LLONG_MAX;
+            // Warp 0: the tile's fed indices and their range.
+            if (warp == 0) {
+                long long lo = LLONG_MAX, hi = LLONG_MIN;
+                for (int j = lane; j < BK; j += 32) {
+                    const long long f = j < n_tile ? k_fed[start + j] : LLONG_MAX;
+                    sm.k_fed[j] = f;
+                    if (j < n_tile) {
+                        lo = min(lo, f);
+                        hi = max(hi, f);
+                    }
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    lo = min(lo, __shfl_xor_sync(0xffffffff, lo, o));
+                    hi = max(hi, __shfl_xor_sync(0xffffffff, hi, o));
+                }
+                if (lane == 0) {
+                    sm.k_range[0] = lo;
+                    sm.k_range[1] = hi;
+                }
+            }
+            __syncthreads();
+            const long long q_lo = sm.q_range[0], q_hi = sm.q_range[1];
+            const long long k_lo = sm.k_range[0], k_hi = sm.k_range[1];
+            // No query of the block sees any key of the tile: all in the future, all evicted
+            // (no sink among them), or all beyond the layer's window. (Uniform: no divergence.)
+            if (k_lo > q_hi || (k_lo >= rule.sinks && q_lo - k_hi > rule.recent) ||
+                q_lo - k_hi >= rule.window)
+                continue;
             // K and V rows as 16-byte vectors, zero past the tile's keys.
             constexpr int VEC = 16 / sizeof(T), PER_ROW = HD / VEC;
             for (int e = threadIdx.x; e < BK * PER_ROW; e += blockDim.x) {
@@ -143,23 +175,6 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
                 *reinterpret_cast<int4 *>(sm.v + r * HD + c) = vv;
             }
             __syncthreads();
-            if (threadIdx.x == 0) {
-                long long lo = LLONG_MAX, hi = LLONG_MIN;
-                for (int j = 0; j < n_tile; j++) {
-                    lo = min(lo, sm.k_fed[j]);
-                    hi = max(hi, sm.k_fed[j]);
-                }
-                sm.k_range[0] = lo;
-                sm.k_range[1] = hi;
-            }
-            __syncthreads();
-            const long long q_lo = sm.q_range[0], q_hi = sm.q_range[1];
-            const long long k_lo = sm.k_range[0], k_hi = sm.k_range[1];
-            // No query of the block sees any key of the tile: all in the future, all evicted
-            // (no sink among them), or all beyond the layer's window.
-            if (k_lo > q_hi || (k_lo >= rule.sinks && q_lo - k_hi > rule.recent) ||
-                q_lo - k_hi >= rule.window)
-                continue;
 
             // Scores of the warp's 16 queries against the tile's keys.
 #pragma unroll
@@ -187,7 +202,7 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
                 tile_max = fmaxf(tile_max, x[c]);
             }
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
-            const float m_new = fmaxf(m, tile_max);
+            const float m_new = tile_max > m + RESCALE_MARGIN ? tile_max : m;
             const float scale = m_new == -INFINITY ? 1.0f : expf(m - m_new);
             float sum = 0.0f;
 #pragma unroll
@@ -241,8 +256,9 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
         const T *q, const T *q_sink, const T *k, const T *v, T *out, const long long *fed,          \
         int nh, int nkv, int rows, int n_keys, int n_sink, int n_query, int first_row,              \
         long long sinks, long long recent, long long window) {                                     \
-        flash_attention<T, HD>(q, q_sink, k, v, out, fed, nh, nkv, rows, n_keys, n_sink, n_query,  \
-                               first_row, Rule{sinks, recent, window});                           \
+        flash_attention<T, HD, TILE_KEYS(HD)>(q, q_sink, k, v, out, fed, nh, nkv, rows, n_keys,    \
+                                              n_sink, n_query, first_row,                          \
+                                              Rule{sinks, recent, window});                        \
     }
 
 FLASH(bf16, __nv_bfloat16, 64)

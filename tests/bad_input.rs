@@ -373,6 +373,22 @@ const CASES: &[(&str, &str)] = &[
         "eval --model {tiny} --corpus {books} --strategy dense --device gpu",
         "--device gpu: give cpu, cuda or cuda:N",
     ),
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --dtype bf16",
+        "--dtype bf16: the CPU engine computes in f32; use --dtype f32, or --device cuda",
+    ),
+    (
+        "eval --model {tiny} --corpus {books} --strategy dense --dtype fp8",
+        "--dtype fp8: give f32, bf16 or f16",
+    ),
+    (
+        "reproduce table1 --model {tiny} --corpus {books} --device cuda:1",
+        "built without CUDA",
+    ),
+    (
+        "sweep --sinks 4 --windows 8 --model {tiny} --corpus {books} --dtype f16",
+        "--dtype f16: the CPU engine computes in f32",
+    ),
     // The real model's tokenizer: a text of several tokens as sinks of another count.
     (
         "eval --model {model} --corpus {books} --strategy sink:4+8 --sink-text 'Of Mans First'",

@@ -175,7 +175,44 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
             "REPRODUCTION.md links a missing {link}"
         );
     }
+    the_report_sets_scales_side_by_side_and_shows_experiments_without_logs(&out);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// table2 copied as if run at the paper scale, its per-token logs removed (as the large
+/// paper-scale logs are not kept): the report puts both scales side by side and shows the copy
+/// from its table.md.
+fn the_report_sets_scales_side_by_side_and_shows_experiments_without_logs(out: &Path) {
+    let copy = out.join("elsewhere").join("table2");
+    std::fs::create_dir_all(&copy).unwrap();
+    let status = Command::new("cp")
+        .args(["-r", out.join("table2").to_str().unwrap()])
+        .arg(out.join("elsewhere"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let json = copy.join("experiment.json");
+    let mut rec: serde_json::Value = serde_json::from_str(&read(&json)).unwrap();
+    rec["scale"] = "paper".into();
+    std::fs::write(&json, rec.to_string()).unwrap();
+    for e in std::fs::read_dir(&copy).unwrap() {
+        let _ = std::fs::remove_file(e.unwrap().path().join("nll.parquet"));
+    }
+    streamppl(&["report", out.to_str().unwrap()]);
+    let report = read(&out.join("REPRODUCTION.md"));
+    for want in [
+        "## Scales and devices side by side",
+        "### table2",
+        "| run | `table2`: quick, cpu f32 | `elsewhere/table2`: paper, cpu f32 |",
+        "## table2 (Table 2), paper scale",
+        "per-token logs of these runs are not in the repository",
+        "](elsewhere/table2/running_ppl.png)",
+    ] {
+        assert!(
+            report.contains(want),
+            "REPRODUCTION.md lacks `{want}`:\n{report}"
+        );
+    }
 }
 
 #[test]

@@ -397,6 +397,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn visibility_is_the_spec_rule_with_layer_windows() {
+        let sink = Visibility {
+            sinks: 2,
+            recent: 3,
+        };
+        let seen: Vec<u64> = (0..=10).filter(|&j| sink.visible(10, j, None)).collect();
+        assert_eq!(seen, vec![0, 1, 7, 8, 9, 10], "sinks, then t - j <= W");
+        assert!(!sink.visible(10, 11, None), "never the future");
+        // A layer window of 2 hides the sinks and everything 2 or more back.
+        let seen: Vec<u64> = (0..=10).filter(|&j| sink.visible(10, j, Some(2))).collect();
+        assert_eq!(seen, vec![9, 10]);
+        assert!(Visibility::CAUSAL.visible(u64::MAX, 0, None));
+    }
+
+    fn plan(q_fed: Vec<u64>, k_fed: Vec<u64>, visibility: Visibility) -> AttnPlan {
+        AttnPlan {
+            q_pos: q_fed.clone(),
+            write_at: 0,
+            k_pos: k_fed.clone(),
+            visibility,
+            sinks: None,
+            q_fed,
+            k_fed,
+        }
+    }
+
+    #[test]
+    fn the_cpu_mask_is_the_rule_or_nothing_when_all_is_visible() {
+        let dev = Device::Cpu;
+        // One query over a cache that holds only what it sees (the token engine): no mask.
+        let token = plan(vec![9], vec![0, 1, 6, 7, 8, 9], Visibility::CAUSAL);
+        assert!(matches!(
+            KeyMask::new(&token, None, &dev).unwrap(),
+            KeyMask::All
+        ));
+        let rule = Visibility {
+            sinks: 1,
+            recent: 1,
+        };
+        let block = plan(vec![3, 4], vec![0, 2, 3, 4], rule);
+        let KeyMask::Dense(mask) = KeyMask::new(&block, None, &dev).unwrap() else {
+            panic!("a block with hidden keys needs a mask")
+        };
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            mask.to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 0.0, 0.0, inf], vec![0.0, inf, 0.0, 0.0]]
+        );
+    }
+
+    #[test]
     fn mpt_slopes_for_power_of_two_and_other_head_counts() {
         let PositionScheme::Alibi { slopes } = PositionScheme::mpt_alibi(4, 8.0) else {
             unreachable!()

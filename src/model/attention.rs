@@ -325,8 +325,15 @@ impl Attention {
         else {
             return Ok(None);
         };
+        // A few queries (the token engine's one) leave the kernel, one thread block per head
+        // walking every key, without parallelism; the materialized path spreads the keys over
+        // the GPU. (On the H200, SmolLM2's shape, sink:4+1020: the token engine ran 177 tok/s
+        // over 1000 tokens materialized, and 122 over 512 tokens fused, with the memory pool
+        // fix that helps every path; to be measured side by side.)
+        const MIN_ROWS: usize = 16;
         let rope = matches!(self.positions, PositionScheme::Rope(_));
         if !rope
+            || q.dim(1)? < MIN_ROWS
             || !FlashAttention::supports(q.dtype(), self.head_dim)
             || materialized_attention_forced()
         {

@@ -79,8 +79,8 @@ impl MaskedSoftmax {
             Some((_, l)) => l.shape().dims3()?.2,
             None => 0,
         };
-        let contiguous = [Some(a), b, Some(fed)].into_iter().flatten();
-        if contiguous.clone().any(|(_, l)| !l.is_contiguous()) {
+        let inputs = [Some(a), b, Some(fed)];
+        if inputs.iter().flatten().any(|(_, l)| !l.is_contiguous()) {
             candle_core::bail!("masked_softmax takes contiguous inputs")
         }
         let args = Args {
@@ -337,7 +337,7 @@ impl CustomOp1 for SiluMul {
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, two_f) = l.shape().dims2()?;
-        if !l.is_contiguous() || two_f % 2 != 0 {
+        if !l.is_contiguous() || !two_f.is_multiple_of(2) {
             candle_core::bail!("silu_mul takes a contiguous (rows, 2f) tensor")
         }
         let name = kernel("silu_mul", s.dtype())?;
@@ -487,11 +487,11 @@ impl CustomOp3 for FlashAttention {
         let (nkv, _, khd) = l2.shape().dims3()?;
         let sink_layout = self.q_sink.as_ref().map(|t| t.layout().clone());
         // 16-byte rows of K and V, contiguous inputs, whole groups of query heads per KV head.
-        let aligned = |l: &Layout| l.is_contiguous() && l.start_offset() % 8 == 0;
+        let aligned = |l: &Layout| l.is_contiguous() && l.start_offset().is_multiple_of(8);
         if !FlashAttention::supports(s1.dtype(), hd)
             || khd != hd
             || nkv == 0
-            || nh % nkv != 0
+            || !nh.is_multiple_of(nkv)
             || ![l1, l2, l3]
                 .into_iter()
                 .chain(sink_layout.as_ref())

@@ -32,11 +32,15 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
         return kernels::silu_mul(gate_up);
     }
     #[cfg(feature = "cuda")]
-    return gate_up
-        .contiguous()?
-        .apply_op1_no_bwd(&super::cuda::SiluMul);
+    {
+        gate_up
+            .contiguous()?
+            .apply_op1_no_bwd(&super::cuda::SiluMul)
+    }
     #[cfg(not(feature = "cuda"))]
-    no_gpu_kernel("silu_mul")
+    {
+        no_gpu_kernel("silu_mul")
+    }
 }
 
 /// The error of a GPU-only kernel in a build without the cuda feature (unreachable: such a
@@ -148,9 +152,13 @@ pub fn nll_from_logits(logits: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {
         return kernels::nll_from_logits(logits, targets);
     }
     #[cfg(feature = "cuda")]
-    return (logits.contiguous()?)
-        .apply_op2_no_bwd(&Tensor::new(targets, logits.device())?, &super::cuda::Nll)?
-        .to_vec1::<f32>();
+    {
+        (logits.contiguous()?)
+            .apply_op2_no_bwd(&Tensor::new(targets, logits.device())?, &super::cuda::Nll)?
+            .to_vec1::<f32>()
+    }
     #[cfg(not(feature = "cuda"))]
-    no_gpu_kernel("nll")
+    {
+        no_gpu_kernel("nll")
+    }
 }

@@ -60,7 +60,7 @@ enum Command {
         /// `block` (B fed tokens per forward pass, exact masks) or `token` (one pass per token, the reference).
         #[arg(long, value_enum, default_value = "block")]
         engine: EngineArg,
-        /// Fed tokens per forward pass of the block engine (1 to 65536) [default: 128 on the CPU, 1024 on a GPU].
+        /// Fed tokens per forward pass of the block engine (1 to 65536) [default: 128 on the CPU, 2048 on a GPU].
         #[arg(long)]
         block_size: Option<usize>,
         /// Score only every k-th token (positions 0, k, 2k, ...): makes exact recompute:W affordable; reported as a sample with its 95% interval.
@@ -124,7 +124,7 @@ enum Command {
         name: String,
         #[arg(long, default_value = "results/bench")]
         out: PathBuf,
-        /// Fed tokens per forward pass of the block engine (1 to 65536) [default: 128 on the CPU, 1024 on a GPU].
+        /// Fed tokens per forward pass of the block engine (1 to 65536) [default: 128 on the CPU, 2048 on a GPU].
         #[arg(long)]
         block_size: Option<usize>,
         /// Small sizes: a smoke test of the bench itself, not figures to report.

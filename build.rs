@@ -2,6 +2,7 @@
 //! with the `cuda` feature compiles our CUDA kernels to PTX with the toolkit's nvcc.
 fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        println!("cargo:rerun-if-changed=src/model/cuda/common.cuh");
         compile_ptx("src/model/cuda/attention.cu", "attention.ptx");
         compile_ptx("src/model/cuda/flash.cu", "flash.ptx");
     }

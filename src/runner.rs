@@ -227,7 +227,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     })?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(gpu) = &device {
-        crate::model::cuda::keep_freed_memory(gpu)?;
+        crate::model::cuda::prepare(gpu)?;
     }
     Ok(device)
 }

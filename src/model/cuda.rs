@@ -16,16 +16,23 @@ const MODULE: &str = "streamppl_attention";
 /// Scores per thread the softmax keeps in registers (`CACHED` in attention.cu).
 const CACHED: usize = 16;
 
-/// Keeps the memory freed on `device` in its stream-ordered pool instead of handing it back to
-/// the driver at every synchronization (the pool's default release threshold is 0): the
-/// engines synchronize once per block to read its NLLs, and mapping a block's activations
-/// afresh after each one cost more than computing the block (on an H200, 1 GiB of logits per
-/// block of 2048 tokens took a SmolLM2-shaped run from 66k to 3.9k tok/s).
-pub fn keep_freed_memory(device: &CudaDevice) -> Result<()> {
+/// Readies a freshly opened `device` for the engines' many small launches, before any tensor
+/// is made on it:
+/// - the memory freed on it stays in its stream-ordered pool instead of going back to the
+///   driver at every synchronization (the pool's default release threshold is 0): the engines
+///   synchronize once per block to read its NLLs, and mapping a block's activations afresh
+///   after each one cost more than computing the block (on an H200, 1 GiB of logits per block
+///   of 2048 tokens took a SmolLM2-shaped run from 66k to 3.9k tok/s);
+/// - no CUDA events are made for each allocation: cudarc creates two per buffer (and destroys
+///   them with it) to order uses across streams, driver calls on every candle op, and
+///   streamppl runs on the one stream of the one thread that opened the device.
+pub fn prepare(device: &CudaDevice) -> Result<()> {
     let context = device.cuda_stream().context().clone();
     let mut pool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
-    // SAFETY: plain driver calls on a valid device; the attribute's value is a u64.
+    // SAFETY: plain driver calls on a valid device; the attribute's value is a u64. Without
+    // event tracking, cudarc leaves the ordering of uses across streams to its user: there is
+    // one stream, and no tensor exists yet.
     unsafe {
         sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
             .result()
@@ -37,8 +44,25 @@ pub fn keep_freed_memory(device: &CudaDevice) -> Result<()> {
         )
         .result()
         .w()?;
+        device.disable_event_tracking();
     }
     Ok(())
+}
+
+/// The CPU side of every op here: the CPU runs its own kernels (`super::kernels`).
+fn cuda_only<T>(op: &str) -> Result<T> {
+    candle_core::bail!("{op} runs on CUDA only (the CPU has its own kernels)")
+}
+
+/// `$launch::<T>($args)` for the element type `T` of `$dtype` (f32, bf16 or f16).
+macro_rules! by_dtype {
+    ($dtype:expr, $($launch:ident)::+, $($args:expr),* $(,)?) => {
+        match $dtype {
+            DType::F32 => $($launch)::+::<f32>($($args),*),
+            DType::BF16 => $($launch)::+::<half::bf16>($($args),*),
+            _ => $($launch)::+::<half::f16>($($args),*),
+        }
+    };
 }
 
 /// The kernel `name`_f32, `_bf16` or `_f16` for `dtype`.
@@ -94,11 +118,7 @@ impl MaskedSoftmax {
             window: clamp_i64(self.window.unwrap_or(u64::MAX)),
         };
         let name = kernel("masked_softmax", a.0.dtype())?;
-        let out = match a.0.dtype() {
-            DType::F32 => launch::<f32>(&name, a, b, fed, heads, &args)?,
-            DType::BF16 => launch::<half::bf16>(&name, a, b, fed, heads, &args)?,
-            _ => launch::<half::f16>(&name, a, b, fed, heads, &args)?,
-        };
+        let out = by_dtype!(a.0.dtype(), launch, &name, a, b, fed, heads, &args)?;
         Ok((out, Shape::from((heads, rows, na + nb))))
     }
 }
@@ -180,9 +200,7 @@ impl CustomOp2 for MaskedSoftmax {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "the fused masked softmax runs on CUDA only (the CPU has its own kernel)"
-        )
+        cuda_only("the fused masked softmax")
     }
 
     fn cuda_fwd(
@@ -210,9 +228,7 @@ impl CustomOp3 for MaskedSoftmax {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "the fused masked softmax runs on CUDA only (the CPU has its own kernel)"
-        )
+        cuda_only("the fused masked softmax")
     }
 
     fn cuda_fwd(
@@ -279,7 +295,7 @@ impl CustomOp2 for Nll {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused NLL runs on CUDA only (the CPU has its own kernel)")
+        cuda_only("the fused NLL")
     }
 
     fn cuda_fwd(
@@ -294,11 +310,7 @@ impl CustomOp2 for Nll {
             candle_core::bail!("nll takes contiguous logits (rows, vocab) and targets (rows)")
         }
         let name = kernel("nll", s1.dtype())?;
-        let out = match s1.dtype() {
-            DType::F32 => Self::launch::<f32>((s1, l1), (s2, l2), &name)?,
-            DType::BF16 => Self::launch::<half::bf16>((s1, l1), (s2, l2), &name)?,
-            _ => Self::launch::<half::f16>((s1, l1), (s2, l2), &name)?,
-        };
+        let out = by_dtype!(s1.dtype(), Self::launch, (s1, l1), (s2, l2), &name)?;
         Ok((out, Shape::from(rows)))
     }
 }
@@ -332,7 +344,7 @@ impl CustomOp1 for SiluMul {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused silu_mul runs on CUDA only (the CPU has its own kernel)")
+        cuda_only("the fused silu_mul")
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -341,11 +353,7 @@ impl CustomOp1 for SiluMul {
             candle_core::bail!("silu_mul takes a contiguous (rows, 2f) tensor")
         }
         let name = kernel("silu_mul", s.dtype())?;
-        let out = match s.dtype() {
-            DType::F32 => Self::launch::<f32>((s, l), &name)?,
-            DType::BF16 => Self::launch::<half::bf16>((s, l), &name)?,
-            _ => Self::launch::<half::f16>((s, l), &name)?,
-        };
+        let out = by_dtype!(s.dtype(), Self::launch, (s, l), &name)?;
         Ok((out, Shape::from((rows, two_f / 2))))
     }
 }
@@ -471,7 +479,7 @@ impl CustomOp3 for FlashAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("flash attention runs on CUDA only (the CPU has its own kernels)")
+        cuda_only("flash attention")
     }
 
     fn cuda_fwd(

@@ -7,27 +7,9 @@
 // - nll: one block per row of logits: the log-sum-exp in one online pass, minus the target's
 //   logit (the log-softmax is never written out).
 // - silu_mul: silu(gate) * up of a fused (rows, 2f) gate-up projection.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math.h>
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-
-// Key j is visible from query t: j <= t, and j is a sink or at most `recent` back, and fewer
-// than `window` back (the layer's own sliding window; LLONG_MAX when it has none).
-__device__ __forceinline__ bool visible(long long t, long long j, long long sinks, long long recent,
-                                        long long window) {
-    return j <= t && (j < sinks || t - j <= recent) && t - j < window;
-}
+#include "common.cuh"
 
 // The max (IS_MAX) or sum of `v` over the thread block; every thread gets the result.
 template <bool IS_MAX> __device__ float block_reduce(float v, float *shared) {

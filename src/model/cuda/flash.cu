@@ -7,11 +7,11 @@
 // positions (`q_sink`), the others by the queries at their own positions (`q`): both in one
 // softmax. Output rows are written as (query, head, dim), the layout the output projection
 // reads. Built to PTX by build.rs when the `cuda` feature is on.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math.h>
 #include <climits>
 #include <mma.h>
+
+#include "common.cuh"
 
 using namespace nvcuda;
 
@@ -23,19 +23,6 @@ using namespace nvcuda;
 // the probabilities stay below e^8 (well inside f32 and bf16), and the accumulated output is
 // rescaled far less often (FlashAttention-3's lazy rescaling).
 #define RESCALE_MARGIN 8.0f
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-
-__device__ __forceinline__ bool visible(long long t, long long j, long long sinks, long long recent,
-                                        long long window) {
-    return j <= t && (j < sinks || t - j <= recent) && t - j < window;
-}
 
 struct Rule {
     long long sinks, recent, window;

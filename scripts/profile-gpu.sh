@@ -4,13 +4,16 @@
 # SmolLM2's vocabulary and tokenizer), then
 #   1. wall speed of the block engine, sink:4+1020, 65,536 tokens (no profiler): SmolLM2 shape
 #      at B = 1024, 2048, 4096, the 7B shape at B = 2048;
-#      and exact re-computation (recompute:1024 on 4096 tokens, recompute:4096 on 448);
+#      at B = 2048 with the attention's keys in 1 to 4 splits (STREAMPPL_KEY_SPLITS); and exact
+#      re-computation (recompute:1024 on 4096 tokens, recompute:4096 on 448);
 #   2. the token engine and re-computation per token at caches 256..4096 (`reproduce figure10
 #      --scale paper` on the SmolLM2 shape);
 #   3. every kernel of a 4096-token run (two blocks of 2048) of each shape under ncu (one metric,
 #      gpu__time_duration, clocks left alone): OUT/ncu-*.csv raw and OUT/profile.md summed by
 #      kernel, beside the wall time of the same run without the profiler (the difference is the
 #      host: launches, allocation, synchronisation).
+# PROFILE_PARTS (default "figure10 7b") adds the parts after 1 and 3's SmolLM2 runs: the token
+# engine (2) and the 7B shape (1 and 3).
 # Usage: scripts/profile-gpu.sh STREAMPPL_BINARY[.xz] SMOLLM2_TOKENIZER_JSON CORPUS OUT_DIR
 set -euo pipefail
 if (( $# != 4 )); then
@@ -69,19 +72,31 @@ echo "## block engine, sink:4+1020, bf16, no profiler" >> "$REPORT"
 S=sink:4+1020
 for b in 1024 2048 4096; do speed "$WORK/smol" $S 65536 "smol-b$b" --block-size "$b"; done
 speed "$WORK/smol" $S 4096 smol-b2048-4096 --block-size 2048
+echo "## key splits of the attention (STREAMPPL_KEY_SPLITS), SmolLM2 shape, B=2048" >> "$REPORT"
+for n in 1 2 3 4; do
+    STREAMPPL_KEY_SPLITS=$n speed "$WORK/smol" $S 65536 "smol-b2048-splits$n" --block-size 2048
+done
+"$BIN" compare "$WORK/runs/smol-b2048-splits1/$S" "$WORK/runs/smol-b2048-splits3/$S" \
+    | sed 's/^/- splits 3 vs 1: /' >> "$REPORT"
 echo "## exact re-computation (batched windows), no profiler" >> "$REPORT"
 speed "$WORK/smol" recompute:1024 4096 smol-recompute1024-4096
 speed "$WORK/smol" recompute:4096 448 smol-recompute4096-448
 log "speed done"
-# The 7B checkpoint (14 GB, mostly host work) is written while the profiles below run.
-python3 "$HERE/bench_gpu_reference.py" write-7b "$WORK/7b" > "$WORK/write-7b.log" 2>&1 &
-WRITER=$!
+PARTS=${PROFILE_PARTS-figure10 7b}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+if part 7b; then
+    # The 7B checkpoint (14 GB, mostly host work) is written while the profiles below run.
+    python3 "$HERE/bench_gpu_reference.py" write-7b "$WORK/7b" > "$WORK/write-7b.log" 2>&1 &
+    WRITER=$!
+fi
 
-echo "## figure10 on the SmolLM2 shape (token engine and re-computation)" >> "$REPORT"
-"$BIN" reproduce figure10 --scale paper --model "$WORK/smol" --corpus "$CORPUS" --device cuda \
-    --out "$WORK/figure10" > "$WORK/figure10.log" 2>&1 || tail -5 "$WORK/figure10.log"
-cat "$WORK/figure10/table.md" >> "$REPORT" 2>/dev/null || echo "(figure10 failed)" >> "$REPORT"
-cp -r "$WORK/figure10" "$OUT/figure10-smol" 2>/dev/null || true
+if part figure10; then
+    echo "## figure10 on the SmolLM2 shape (token engine and re-computation)" >> "$REPORT"
+    "$BIN" reproduce figure10 --scale paper --model "$WORK/smol" --corpus "$CORPUS" --device cuda \
+        --out "$WORK/figure10" > "$WORK/figure10.log" 2>&1 || tail -5 "$WORK/figure10.log"
+    cat "$WORK/figure10/table.md" >> "$REPORT" 2>/dev/null || echo "(figure10 failed)" >> "$REPORT"
+    cp -r "$WORK/figure10" "$OUT/figure10-smol" 2>/dev/null || true
+fi
 
 # kernels NAME MODEL: every kernel of a 4096-token B=2048 run under ncu, summed by name.
 kernels() {
@@ -111,11 +126,13 @@ PY
 kernels smol "$WORK/smol"
 log "smol kernels done"
 
+if ! part 7b; then cat "$REPORT"; exit 0; fi
 wait "$WRITER" || { cat "$WORK/write-7b.log"; exit 1; }
 cp "$TOKENIZER" "$WORK/7b/tokenizer.json"
 echo "## 7B shape" >> "$REPORT"
 speed "$WORK/7b" $S 65536 7b-b2048 --block-size 2048
 speed "$WORK/7b" $S 4096 7b-b2048-4096 --block-size 2048
+STREAMPPL_KEY_SPLITS=2 speed "$WORK/7b" $S 65536 7b-b2048-splits2 --block-size 2048
 kernels 7b "$WORK/7b"
 log "done"
 cat "$REPORT"

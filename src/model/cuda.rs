@@ -433,8 +433,20 @@ impl FlashAttention {
         let fv = fed
             .as_cuda_slice::<i64>()?
             .slice(fed_layout.start_offset()..);
-        // SAFETY: the kernel writes every (row, head, dim) of the output.
+        let query_blocks = rows.div_ceil(64) * nh;
+        let splits = key_splits(dev, query_blocks)?;
+        // SAFETY: the kernel (splits = 1) or the combine (splits > 1) writes every (row, head,
+        // dim) of the output; each split writes all of its part of `part_o` and `part_ml`.
         let out = unsafe { dev.alloc::<T>(rows * nh * hd)? };
+        let (part_o, part_ml) = unsafe {
+            match splits {
+                1 => (dev.alloc::<f32>(1)?, dev.alloc::<f32>(1)?),
+                _ => (
+                    dev.alloc::<f32>(splits * rows * nh * hd)?,
+                    dev.alloc::<f32>(splits * rows * nh * 2)?,
+                ),
+            }
+        };
         let mut builder = func.builder();
         for arg in [&qv, &qsv, &kv, &vv] {
             builder.arg(arg);
@@ -452,17 +464,61 @@ impl FlashAttention {
             self.first_row as i32,
             clamp_i64(self.visibility.sinks),
             clamp_i64(self.visibility.recent),
-            clamp_i64(self.window.unwrap_or(u64::MAX))
+            clamp_i64(self.window.unwrap_or(u64::MAX)),
+            splits as i32
         );
+        builder.arg(&part_o);
+        builder.arg(&part_ml);
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(64) as u32, nh as u32, 1),
+            grid_dim: (rows.div_ceil(64) as u32, nh as u32, splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the argument list matches `flash_attention_*` in flash.cu.
         unsafe { builder.launch(cfg) }.w()?;
+        if splits > 1 {
+            let name = format!("flash_combine_{}", kernel_suffix(q.0.dtype())?);
+            let func = dev.get_or_load_custom_func(&name, FLASH_MODULE, FLASH_PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&part_o);
+            builder.arg(&part_ml);
+            builder.arg(&out);
+            candle_core::builder_arg!(builder, (rows * nh) as i32, splits as i32, hd as i32);
+            let cfg = LaunchConfig {
+                grid_dim: ((rows * nh) as u32, 1, 1),
+                block_dim: (hd as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the argument list matches `flash_combine_*` in flash.cu.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
         Ok(T::wrap_cuda_slice(out, dev.clone()))
     }
+}
+
+/// Thread blocks per multiprocessor the attention aims to have in flight: the kernel's blocks
+/// are 4 warps, and one warp per 16 query rows leaves a small model's block of queries (SmolLM2:
+/// 9 heads, 2048 queries, 288 blocks on 132 multiprocessors) with too few warps to hide the
+/// latency of its key tiles.
+const BLOCKS_PER_SM: usize = 8;
+
+/// Into how many interleaved sets of key tiles the attention of `query_blocks` blocks of 64
+/// queries is split (1 to 4), so that the GPU has about `BLOCKS_PER_SM` blocks per
+/// multiprocessor; `STREAMPPL_KEY_SPLITS` overrides it (a switch for measuring).
+fn key_splits(dev: &CudaDevice, query_blocks: usize) -> Result<usize> {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        std::env::var("STREAMPPL_KEY_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(n) = forced {
+        return Ok((*n).clamp(1, 16));
+    }
+    let sms = (dev.cuda_stream().context())
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    Ok((sms * BLOCKS_PER_SM / query_blocks.max(1)).clamp(1, 4))
 }
 
 impl CustomOp3 for FlashAttention {

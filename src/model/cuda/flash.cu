@@ -76,10 +76,15 @@ __device__ void scale_rows(wmma::fragment<wmma::accumulator, 16, 16, 16, float> 
 // q, q_sink: (nh, rows, HD); k, v: (nkv, n_keys, HD); out: (rows, nh, HD).
 // fed: fed indices of the pass's n_query queries, then of the n_keys keys; this call's rows
 // are queries first_row .. first_row + rows.
+//
+// Split keys (splits > 1, blockIdx.z = the split): block z takes the key tiles z, z + splits, ...
+// and writes its unnormalized output (rows, nh, HD) to part_o[z] and its running max and sum
+// to part_ml[z] (rows, nh, 2), all f32, for flash_combine; with splits = 1 it writes `out`.
 template <typename T, int HD, int BK>
 __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T *v, T *out,
                                 const long long *fed, int nh, int nkv, int rows, int n_keys,
-                                int n_sink, int n_query, int first_row, Rule rule) {
+                                int n_sink, int n_query, int first_row, Rule rule, int splits,
+                                float *part_o, float *part_ml) {
     __shared__ __align__(128) Smem<T, HD, BK> sm;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int h = blockIdx.y, kvh = h / (nh / nkv);
@@ -110,6 +115,7 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
     const int my_query = row0 + my_row;
     const long long t = my_query < rows ? q_fed[my_query] : -1;  // -1: sees nothing
     float m = -INFINITY, l = 0.0f;
+    int tile_no = 0;  // key tiles met so far, over both segments
     T *stage = (warp < 2 ? sm.k : sm.v) + (warp & 1) * 16 * HD;
 
     // Segment 0: the sink slots, scored by q_sink; segment 1: the rest, scored by q.
@@ -119,6 +125,8 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
         __syncthreads();  // the K/V tiles double as the staging area
         load_queries<T, HD>(segment == 0 ? q_sink : q, row0, rows, stage, qa);
         for (int start = seg_start; start < seg_end; start += BK) {
+            // Another split's tile. (Uniform over the block: no barrier is skipped by some only.)
+            if (tile_no++ % splits != (int)blockIdx.z) continue;
             const int n_tile = min(BK, seg_end - start);
             __syncthreads();  // the previous tile (or the staging) is done with sm.k / sm.v
             // Warp 0: the tile's fed indices and their range.
@@ -221,8 +229,15 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
         }
     }
 
-    // out = O / l, for the rows that exist (a row that sees nothing gets zeros).
-    if (half == 0) sm.row_scale[warp][my_row] = l > 0.0f ? 1.0f / l : 0.0f;
+    // out = O / l, for the rows that exist (a row that sees nothing gets zeros); or this
+    // split's O, m and l as they are.
+    const bool split = splits > 1;
+    if (half == 0) sm.row_scale[warp][my_row] = split ? 1.0f : l > 0.0f ? 1.0f / l : 0.0f;
+    if (split && half == 0 && my_query < rows) {
+        float *ml = part_ml + (((long long)blockIdx.z * rows + my_query) * nh + h) * 2;
+        ml[0] = m;
+        ml[1] = l;
+    }
     __syncwarp();
 #pragma unroll
     for (int j = 0; j < HD / 16; j++) {
@@ -230,25 +245,62 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
         __syncwarp();
         for (int e = lane; e < 256; e += 32) {
             const int r = e / 16, query = row0 + r;
-            if (query < rows)
-                out[((long long)query * nh + h) * HD + j * 16 + e % 16] =
-                    from_float<T>(sm.scratch[warp][e] * sm.row_scale[warp][r]);
+            if (query >= rows) continue;
+            const long long at = ((long long)query * nh + h) * HD + j * 16 + e % 16;
+            const float x = sm.scratch[warp][e] * sm.row_scale[warp][r];
+            if (split)
+                part_o[(long long)blockIdx.z * rows * nh * HD + at] = x;
+            else
+                out[at] = from_float<T>(x);
         }
         __syncwarp();
     }
+}
+
+// The output of split keys: each (row, head) of one block, HD threads, merges the splits'
+// outputs by their running maxima, out = sum_z e^(m_z - M) O_z / sum_z e^(m_z - M) l_z (zeros
+// for a row that sees nothing).
+template <typename T>
+__device__ void flash_combine(const float *part_o, const float *part_ml, T *out, int rows_heads,
+                              int splits, int hd) {
+    const long long row = blockIdx.x;
+    float big = -INFINITY;
+    for (int z = 0; z < splits; z++) {
+        const float *ml = part_ml + ((long long)z * rows_heads + row) * 2;
+        if (ml[1] > 0.0f) big = fmaxf(big, ml[0]);
+    }
+    float sum = 0.0f, acc = 0.0f;
+    for (int z = 0; z < splits; z++) {
+        const float *ml = part_ml + ((long long)z * rows_heads + row) * 2;
+        if (ml[1] <= 0.0f) continue;
+        const float w = expf(ml[0] - big);
+        sum += w * ml[1];
+        acc += w * part_o[((long long)z * rows_heads + row) * hd + threadIdx.x];
+    }
+    out[row * hd + threadIdx.x] = from_float<T>(sum > 0.0f ? acc / sum : 0.0f);
 }
 
 #define FLASH(SUFFIX, T, HD)                                                                      \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) flash_attention_##SUFFIX##_##HD(     \
         const T *q, const T *q_sink, const T *k, const T *v, T *out, const long long *fed,          \
         int nh, int nkv, int rows, int n_keys, int n_sink, int n_query, int first_row,              \
-        long long sinks, long long recent, long long window) {                                     \
+        long long sinks, long long recent, long long window, int splits, float *part_o,             \
+        float *part_ml) {                                                                          \
         flash_attention<T, HD, TILE_KEYS(HD)>(q, q_sink, k, v, out, fed, nh, nkv, rows, n_keys,    \
                                               n_sink, n_query, first_row,                          \
-                                              Rule{sinks, recent, window});                        \
+                                              Rule{sinks, recent, window}, splits, part_o,         \
+                                              part_ml);                                            \
+    }
+
+#define COMBINE(SUFFIX, T)                                                                        \
+    extern "C" __global__ void flash_combine_##SUFFIX(const float *part_o, const float *part_ml,  \
+                                                      T *out, int rows_heads, int splits, int hd) { \
+        flash_combine<T>(part_o, part_ml, out, rows_heads, splits, hd);                            \
     }
 
 FLASH(bf16, __nv_bfloat16, 64)
 FLASH(bf16, __nv_bfloat16, 128)
 FLASH(f16, __half, 64)
 FLASH(f16, __half, 128)
+COMBINE(bf16, __nv_bfloat16)
+COMBINE(f16, __half)

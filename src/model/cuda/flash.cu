@@ -28,12 +28,19 @@ struct Rule {
     long long sinks, recent, window;
 };
 
+// Row strides of the scores (f32) and probabilities (T) in shared memory: padded past BK so that
+// the 16 rows a warp's lanes read side by side fall in different banks (unpadded, every lane of
+// the softmax hit the same bank: 32-way conflicts on each score read). WMMA wants multiples of 4
+// (f32) and 8 (16-bit) elements.
+#define S_LD(BK) ((BK) + 4)
+#define P_LD(BK) ((BK) + 8)
+
 // Shared memory of one block; the K and V tiles double as the staging area of the queries.
 template <typename T, int HD, int BK> struct Smem {
     T k[BK * HD];
     T v[BK * HD];
-    float s[WARPS][16 * BK];
-    T p[WARPS][16 * BK];
+    float s[WARPS][16 * S_LD(BK)];
+    T p[WARPS][16 * P_LD(BK)];
     float scratch[WARPS][16 * 16];
     float row_scale[WARPS][16];
     long long k_fed[BK];
@@ -110,7 +117,8 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[HD / 16];
 #pragma unroll
     for (int j = 0; j < HD / 16; j++) wmma::fill_fragment(o[j], 0.0f);
-    // Two lanes per row: this lane's row of the warp, and its half of the tile's keys.
+    // Two lanes per row: this lane's row of the warp, and its half of the tile's keys (the
+    // even or the odd columns).
     const int my_row = lane >> 1, half = lane & 1;
     const int my_query = row0 + my_row;
     const long long t = my_query < rows ? q_fed[my_query] : -1;  // -1: sees nothing
@@ -182,7 +190,7 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
                     wmma::load_matrix_sync(kb, sm.k + n * 16 * HD + kk * 16, HD);
                     wmma::mma_sync(s, qa[kk], kb, s);
                 }
-                wmma::store_matrix_sync(sm.s[warp] + n * 16, s, BK, wmma::mem_row_major);
+                wmma::store_matrix_sync(sm.s[warp] + n * 16, s, S_LD(BK), wmma::mem_row_major);
             }
             __syncwarp();
 
@@ -191,9 +199,9 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
             float tile_max = -INFINITY;
 #pragma unroll
             for (int c = 0; c < BK / 2; c++) {
-                const int col = half * (BK / 2) + c;
+                const int col = 2 * c + half;
                 const bool vis = visible(t, sm.k_fed[col], rule.sinks, rule.recent, rule.window);
-                x[c] = vis ? sm.s[warp][my_row * BK + col] : -INFINITY;
+                x[c] = vis ? sm.s[warp][my_row * S_LD(BK) + col] : -INFINITY;
                 tile_max = fmaxf(tile_max, x[c]);
             }
             tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffff, tile_max, 1));
@@ -204,7 +212,7 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
             for (int c = 0; c < BK / 2; c++) {
                 const float p = x[c] == -INFINITY ? 0.0f : expf(x[c] - m_new);
                 sum += p;
-                sm.p[warp][my_row * BK + half * (BK / 2) + c] = from_float<T>(p);
+                sm.p[warp][my_row * P_LD(BK) + 2 * c + half] = from_float<T>(p);
             }
             sum += __shfl_xor_sync(0xffffffff, sum, 1);
             l = l * scale + sum;
@@ -218,7 +226,7 @@ __device__ void flash_attention(const T *q, const T *q_sink, const T *k, const T
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
-                wmma::load_matrix_sync(pa, sm.p[warp] + kk * 16, BK);
+                wmma::load_matrix_sync(pa, sm.p[warp] + kk * 16, P_LD(BK));
 #pragma unroll
                 for (int j = 0; j < HD / 16; j++) {
                     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;

@@ -110,7 +110,7 @@ kernels() {
 import csv, sys, collections
 rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
         if r.get("Metric Name") == "gpu__time_duration.sum"]
-unit = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}
+unit = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0}
 total, count = collections.Counter(), collections.Counter()
 for r in rows:
     ms = float(r["Metric Value"].replace(",", "")) * unit[r["Metric Unit"]]

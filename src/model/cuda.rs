@@ -438,14 +438,16 @@ impl FlashAttention {
         // SAFETY: the kernel (splits = 1) or the combine (splits > 1) writes every (row, head,
         // dim) of the output; each split writes all of its part of `part_o` and `part_ml`.
         let out = unsafe { dev.alloc::<T>(rows * nh * hd)? };
-        let (part_o, part_ml) = unsafe {
-            match splits {
-                1 => (dev.alloc::<f32>(1)?, dev.alloc::<f32>(1)?),
-                _ => (
-                    dev.alloc::<f32>(splits * rows * nh * hd)?,
-                    dev.alloc::<f32>(splits * rows * nh * 2)?,
-                ),
-            }
+        // The splits' outputs, then their (max, sum) pairs, in one buffer (one element, never
+        // read, when there is one split).
+        let o_len = splits * rows * nh * hd;
+        let parts = match splits {
+            1 => unsafe { dev.alloc::<f32>(1)? },
+            _ => unsafe { dev.alloc::<f32>(o_len + splits * rows * nh * 2)? },
+        };
+        let (part_o, part_ml) = match splits {
+            1 => (parts.slice(0..), parts.slice(0..)),
+            _ => (parts.slice(0..o_len), parts.slice(o_len..)),
         };
         let mut builder = func.builder();
         for arg in [&qv, &qsv, &kv, &vv] {
@@ -515,9 +517,17 @@ fn key_splits(dev: &CudaDevice, query_blocks: usize) -> Result<usize> {
     if let Some(n) = forced {
         return Ok((*n).clamp(1, 16));
     }
-    let sms = (dev.cuda_stream().context())
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()? as usize;
+    // Read once: this runs for every layer of every forward pass (one device per process).
+    static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let sms = match SMS.get() {
+        Some(&n) => n,
+        None => {
+            let n = (dev.cuda_stream().context())
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .w()? as usize;
+            *SMS.get_or_init(|| n)
+        }
+    };
     Ok((sms * BLOCKS_PER_SM / query_blocks.max(1)).clamp(1, 4))
 }
 

@@ -29,6 +29,8 @@ from transformers import (
     AutoTokenizer,
     FalconConfig,
     FalconForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -62,6 +64,7 @@ SENTENCEPIECE_VOCAB = 400
 SENTENCEPIECE_ALPHABET = 57
 
 MISTRAL_WINDOW = 48
+GEMMA3_WINDOW = 48
 CAUSALITY_PREFIX = 200
 
 
@@ -293,6 +296,39 @@ def mpt_alibi():
     return MptForCausalLM, config, "byte_level", torch.bfloat16, {}, None
 
 
+def gemma3_local():
+    """Gemma 3 text model: local (sliding window) and global layers with their own RoPE bases, q/k norms, four
+    norms a block, (1 + w) norm scales, sqrt(hidden) embedding scale, query_pre_attn_scalar, tanh GELU, tied."""
+    config = Gemma3TextConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        # head_dim 24, not hidden / heads = 16; scores scaled by 32**-0.5, not 24**-0.5.
+        head_dim=24,
+        query_pre_attn_scalar=32,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        sliding_window=GEMMA3_WINDOW,
+        # The last layer is local, so "the last layer is global" is not assumed either.
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        # The SentencePiece-style vocabulary: <unk> 0, <s> 1, </s> 2 (Gemma's own is <pad> 0, <eos> 1, <bos> 2).
+        pad_token_id=None,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Gemma3ForCausalLM, config, "sentencepiece", torch.float32, {}, None
+
+
 FIXTURES = {
     "llama3-gqa": llama3_gqa,
     "llama-linear": llama_linear,
@@ -302,6 +338,7 @@ FIXTURES = {
     "falcon-7b": falcon_7b,
     "falcon-40b": falcon_40b,
     "mpt-alibi": mpt_alibi,
+    "gemma3-local": gemma3_local,
 }
 
 
@@ -317,7 +354,10 @@ def randomize_parameters(model, seed):
             module_name, _, kind = name.rpartition(".")
             module = modules[module_name]
             if "Norm" in type(module).__name__:
-                if kind == "weight":
+                if kind == "weight" and type(module).__name__.startswith("Gemma"):
+                    # Gemma's RMSNorm multiplies by (1 + weight): the same scales U(0.5, 1.5), stored as scale - 1.
+                    values = torch.rand(parameter.shape, generator=generator) - 0.5
+                elif kind == "weight":
                     values = 0.5 + torch.rand(parameter.shape, generator=generator)
                 else:
                     values = BIAS_STD * torch.randn(parameter.shape, generator=generator)
@@ -405,6 +445,26 @@ def check_mistral_window(folder, ids, nll):
     )
 
 
+def check_gemma3(folder, written, reloaded, ids, nll):
+    """Layer types and window survive the reload, and the window changes the NLLs from position GEMMA3_WINDOW on,
+    and only there (a window as long as the positions stands for none: transformers needs one for local layers)."""
+    assert reloaded.config.layer_types == written.layer_types, "gemma3-local: layer_types changed on reload"
+    assert reloaded.config.sliding_window == GEMMA3_WINDOW, "gemma3-local: sliding_window changed on reload"
+    assert reloaded.config.query_pre_attn_scalar == written.query_pre_attn_scalar
+    assert reloaded.config.head_dim == written.head_dim
+    unwindowed = token_nlls(load_float32(folder, sliding_window=MAX_POSITIONS), ids)
+    gaps = (unwindowed - nll).abs()
+    before = gaps[:GEMMA3_WINDOW].max().item()
+    first_changed = int(torch.nonzero(gaps > 1e-5)[0])
+    assert before < 1e-5, f"gemma3-local: NLLs before position {GEMMA3_WINDOW} changed by {before}"
+    assert first_changed == GEMMA3_WINDOW, f"gemma3-local: first changed NLL at {first_changed}"
+    print(
+        f"  sliding window: nll[0..{GEMMA3_WINDOW}) equal without it (max gap {before:.1e}); "
+        f"first change at nll[{first_changed}] ({gaps[first_changed].item():.4f}), "
+        f"mean gap past it {gaps[GEMMA3_WINDOW:].mean().item():.4f}"
+    )
+
+
 def package_versions():
     return {
         "python": platform.python_version(),
@@ -437,6 +497,8 @@ def write_fixture(out_dir, name, seed, text, tokenizer_by_kind):
     check_causal(name, reloaded, ids, nll)
     if name == "mistral-window":
         check_mistral_window(folder, ids, nll)
+    if name == "gemma3-local":
+        check_gemma3(folder, model.config, reloaded, ids, nll)
 
     reference = {
         "model_type": reloaded.config.model_type,

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod model;
 pub mod nll_log;
 pub mod records;
+pub mod registry;
 pub mod report;
 pub mod reproduce;
 pub mod run_dir;

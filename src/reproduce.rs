@@ -72,13 +72,17 @@ pub fn all_names(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// The folder an experiment writes to.
+/// The folder an experiment writes to: `--out`, else under `results/`, in the model's own
+/// folder for a registered model other than the default (`results/gemma3-270m/NAME`).
 pub fn out_dir(job: &ReproduceJob, name: &str) -> PathBuf {
+    let model = (crate::registry::lookup(&job.model.to_string_lossy()))
+        .or_else(|| crate::registry::by_path(&job.model));
+    let root = Path::new("results").join(model.map(|m| m.results).unwrap_or_default());
     match (&job.out, job.names.len()) {
         (Some(out), 1) => out.clone(),
         (Some(out), _) => out.join(name),
-        (None, _) if job.scale == Scale::Default => Path::new("results").join(name),
-        (None, _) => Path::new("results").join(job.scale.name()).join(name),
+        (None, _) if job.scale == Scale::Default => root.join(name),
+        (None, _) => root.join(job.scale.name()).join(name),
     }
 }
 

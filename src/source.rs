@@ -4,6 +4,8 @@
 //! - a local Hugging Face model folder: `config.json`, the weights as `model.safetensors` or as
 //!   the shards listed by `model.safetensors.index.json`, `tokenizer.json` and, optionally,
 //!   `tokenizer_config.json`;
+//! - a name from the registry `models.toml` (`gemma3-270m`: [`crate::registry`]) when no such
+//!   path exists;
 //! - a hub id `ORG/NAME[@REVISION]` (revision `main` by default; a branch, a tag or a 40-hex
 //!   commit) when no such path exists, resolved through the standard Hugging Face cache.
 //!
@@ -337,6 +339,12 @@ pub enum SourceError {
     NoParquet { spec: HubSpec, folder: PathBuf },
     #[error("{}: cannot read ({why}); check that it exists and is readable", .path.display())]
     Io { path: PathBuf, why: String },
+    #[error("model `{name}` is not fetched ({} is missing); run {fetch}", .path.display())]
+    NotFetched {
+        name: String,
+        path: PathBuf,
+        fetch: String,
+    },
 }
 
 type Result<T, E = SourceError> = std::result::Result<T, E>;
@@ -345,6 +353,18 @@ type Result<T, E = SourceError> = std::result::Result<T, E>;
 /// is a file or a folder, never a hub id; a missing path is a hub id when it reads as one.
 pub fn resolve_model(arg: &str, hub: &HubSettings) -> Result<ResolvedModel> {
     let path = Path::new(arg);
+    if !path.exists()
+        && let Some(entry) = crate::registry::lookup(arg)
+    {
+        if !entry.path.exists() {
+            return Err(SourceError::NotFetched {
+                name: arg.into(),
+                path: entry.path,
+                fetch: entry.fetch,
+            });
+        }
+        return resolve_model(&entry.path.to_string_lossy(), hub);
+    }
     if !path.exists()
         && !reads_as_path(arg)
         && let Ok(spec) = HubSpec::parse(HubRepoKind::Model, arg)

@@ -111,11 +111,24 @@ impl KeyMask {
 pub enum PositionScheme {
     /// Rotary embedding of queries and keys.
     Rope(Rope),
+    /// Rotary embeddings of two bases: layers with a sliding window of their own rotate with
+    /// `local`, the others with `global` (Gemma 3: 10,000 and 1e6).
+    LocalGlobalRope { local: Rope, global: Rope },
     /// A bias of -slope_h x (query position - key position) on head h's scores (MPT).
     Alibi { slopes: Vec<f32> },
 }
 
 impl PositionScheme {
+    /// The rotary embedding of a layer with the given own window, if the scheme rotates.
+    fn rope(&self, window: Option<usize>) -> Option<&Rope> {
+        match (self, window) {
+            (PositionScheme::Rope(rope), _) => Some(rope),
+            (PositionScheme::LocalGlobalRope { local, .. }, Some(_)) => Some(local),
+            (PositionScheme::LocalGlobalRope { global, .. }, None) => Some(global),
+            (PositionScheme::Alibi { .. }, _) => None,
+        }
+    }
+
     /// MPT's ALiBi slopes for `n_head` heads: 1 / 2^(k * max_bias / n) for k = 1..n, n the
     /// next power of two; for other head counts, the odd-k slopes then the even-k ones, cut to
     /// `n_head` (transformers' `build_mpt_alibi_tensor`).
@@ -143,7 +156,8 @@ pub(crate) struct Placement<'p> {
     k_pos: &'p [u64],
     /// The sink key count and the queries' positions for scoring them.
     sink_q_pos: Option<(usize, &'p [u64])>,
-    rope: Option<RopeTables>,
+    /// The tables of layers without a window of their own, then of those with one.
+    rope: [Option<RopeTables>; 2],
     /// One mask for each distinct layer window (`None`: the layers without one).
     masks: Vec<(Option<u64>, KeyMask)>,
 }
@@ -155,6 +169,10 @@ impl Placement<'_> {
             .find(|(w, _)| *w == window)
             .expect("Attention::place prepares a mask for every layer window");
         mask
+    }
+
+    fn rope(&self, window: Option<usize>) -> Option<&RopeTables> {
+        self.rope[usize::from(window.is_some())].as_ref()
     }
 }
 
@@ -208,16 +226,21 @@ impl Attention {
             let (cos, sin) = rope.cos_sin(pos, device)?;
             Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
         };
-        let rope = match &self.positions {
-            PositionScheme::Rope(rope) => Some(RopeTables {
+        let tables = |rope: &Rope| -> Result<RopeTables> {
+            Ok(RopeTables {
                 q: table(rope, &plan.q_pos)?,
                 k: table(rope, &plan.k_pos)?,
                 sink_q: sink_q_pos.map(|(_, pos)| table(rope, pos)).transpose()?,
-            }),
-            PositionScheme::Alibi { .. } => None,
+            })
         };
+        let mut rope = [None, None];
         let mut masks: Vec<(Option<u64>, KeyMask)> = Vec::new();
-        for window in layer_windows.into_iter().map(|w| w.map(|w| w as u64)) {
+        for window in layer_windows {
+            let kind = usize::from(window.is_some());
+            if let (None, Some(r)) = (&rope[kind], self.positions.rope(window)) {
+                rope[kind] = Some(tables(r)?);
+            }
+            let window = window.map(|w| w as u64);
             if !masks.iter().any(|(have, _)| *have == window) {
                 masks.push((window, KeyMask::new(plan, window, device)?));
             }
@@ -244,11 +267,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let (nh, t, hd) = q.dims3()?;
         let n_keys = k.dim(1)?;
-        let rotate = |x: &Tensor, table: Option<&(Tensor, Tensor)>| match (&self.positions, table) {
-            (PositionScheme::Rope(rope), Some((cos, sin))) => ops::rope(x, cos, sin, rope.layout),
+        let rope = self.positions.rope(window);
+        let rotate = |x: &Tensor, table: Option<&(Tensor, Tensor)>| match (rope, table) {
+            (Some(rope), Some((cos, sin))) => ops::rope(x, cos, sin, rope.layout),
             _ => Ok(x.clone()),
         };
-        let tables = at.rope.as_ref();
+        let tables = at.rope(window);
         let k = rotate(k, tables.map(|r| &r.k))?;
         let q_main = rotate(q, tables.map(|r| &r.q))?; // (nh, T, hd)
         // The sink key count, the queries' sink positions, and the queries placed there.
@@ -262,7 +286,7 @@ impl Attention {
         };
         let mask = at.mask(window);
         let sink_queries = q_sink.as_ref().map(|(n, _, q)| (*n, q));
-        if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask)? {
+        if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask, rope.is_some())? {
             return Ok(out);
         }
         // Query tiles keep the (heads, tile, keys) scores within the device's budget.
@@ -314,6 +338,7 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         mask: &KeyMask,
+        rope: bool,
     ) -> Result<Option<Tensor>> {
         use super::cuda::{FlashAttention, materialized_attention_forced};
         let KeyMask::Rule {
@@ -331,7 +356,6 @@ impl Attention {
         // over 1000 tokens materialized, and 122 over 512 tokens fused, with the memory pool
         // fix that helps every path; to be measured side by side.)
         const MIN_ROWS: usize = 16;
-        let rope = matches!(self.positions, PositionScheme::Rope(_));
         if !rope
             || q.dim(1)? < MIN_ROWS
             || !FlashAttention::supports(q.dtype(), self.head_dim)
@@ -361,6 +385,7 @@ impl Attention {
         _: &Tensor,
         _: &Tensor,
         _: &KeyMask,
+        _: bool,
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }

@@ -50,6 +50,8 @@ impl Norm {
 pub enum Mlp {
     /// `down(silu(gate(x)) * up(x))` (Llama), gate and up in one matrix.
     GatedSilu { gate_up: Linear, down: Linear },
+    /// `down(gelu_tanh(gate(x)) * up(x))` (Gemma), gate and up in one matrix.
+    GatedGelu { gate_up: Linear, down: Linear },
     /// `down(gelu(up(x)))`, the exact (erf) GELU (GPT-NeoX, Falcon, MPT) or, with `tanh`,
     /// its tanh approximation (`gelu_new`).
     Gelu {
@@ -63,6 +65,11 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::GatedSilu { gate_up, down } => down.forward(&ops::silu_mul(&gate_up.forward(x)?)?),
+            Mlp::GatedGelu { gate_up, down } => {
+                let h = gate_up.forward(x)?; // (T, 2f): gate then up
+                let f = h.dim(1)? / 2;
+                down.forward(&(h.narrow(1, 0, f)?.gelu()? * h.narrow(1, f, f)?)?)
+            }
             Mlp::Gelu { up, down, tanh } => {
                 let h = up.forward(x)?;
                 down.forward(&if *tanh { h.gelu()? } else { h.gelu_erf()? })
@@ -80,6 +87,13 @@ pub enum Residual {
     Parallel { mlp_norm: Norm },
     /// `h = norm1(x); x += attn(h) + mlp(h)` (Falcon 7B).
     ParallelSharedNorm,
+    /// `x += post_attn_norm(attn(norm1(x))); x += post_mlp_norm(mlp(mlp_norm(x)))`: each
+    /// branch normed on its way in and on its way out (Gemma 2 and 3).
+    Sandwich {
+        post_attn_norm: Norm,
+        mlp_norm: Norm,
+        post_mlp_norm: Norm,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +107,10 @@ pub struct Block {
     pub residual: Residual,
     /// The layer's own sliding window (Mistral): keys `window` or more tokens back are hidden.
     pub window: Option<usize>,
+    /// RMS norms over each head's channels of the queries and of the keys, after the
+    /// projection and before positions (Gemma 3). The query norm then carries the softmax
+    /// scale instead of the Q rows, since a norm would undo a scale applied before it.
+    pub qk_norm: Option<(Norm, Norm)>,
 }
 
 /// A family's description, for records and `streamppl info`.
@@ -115,6 +133,8 @@ pub struct Model {
     final_norm: Norm,
     lm_head: Linear,
     attention: Attention,
+    /// Multiplies the embeddings on their way in, not the tied LM head (Gemma: sqrt(hidden)).
+    embed_scale: Option<f64>,
     device: Device,
 }
 
@@ -161,8 +181,16 @@ impl Model {
             final_norm,
             lm_head,
             attention,
+            embed_scale: None,
             device,
         })
+    }
+
+    /// The same model with its input embeddings multiplied by `scale`, rounded to the model's
+    /// dtype as the reference does (Gemma's sqrt(hidden) is 25.25 in bf16, not 25.298).
+    pub fn with_embedding_scale(mut self, scale: f64) -> Self {
+        self.embed_scale = Some(scale);
+        self
     }
 
     /// The same blocks under another position scheme: how the spec oracle checks every
@@ -190,8 +218,11 @@ impl Model {
         }
         for b in &self.blocks {
             n += norm(&b.attn_norm) + lin(&b.qkv) + lin(&b.out);
+            n += b.qk_norm.as_ref().map_or(0, |(q, k)| norm(q) + norm(k));
             n += match &b.mlp {
-                Mlp::GatedSilu { gate_up, down } => lin(gate_up) + lin(down),
+                Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => {
+                    lin(gate_up) + lin(down)
+                }
                 Mlp::Gelu { up, down, .. } => lin(up) + lin(down),
             };
             n += match &b.residual {
@@ -199,6 +230,11 @@ impl Model {
                     norm(mlp_norm)
                 }
                 Residual::ParallelSharedNorm => 0,
+                Residual::Sandwich {
+                    post_attn_norm,
+                    mlp_norm,
+                    post_mlp_norm,
+                } => norm(post_attn_norm) + norm(mlp_norm) + norm(post_mlp_norm),
             };
         }
         n
@@ -301,6 +337,9 @@ impl Model {
     ) -> Result<Tensor> {
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.forward(&ids)?; // (T, d)
+        if let Some(scale) = self.embed_scale {
+            x = x.affine(scale, 0.0)?;
+        }
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = b.attn_norm.forward(&x)?;
             let attn = attention(layer, b, &h)?;
@@ -315,6 +354,15 @@ impl Model {
                     ((x + attn)? + m)?
                 }
                 Residual::ParallelSharedNorm => ((x + attn)? + b.mlp.forward(&h)?)?,
+                Residual::Sandwich {
+                    post_attn_norm,
+                    mlp_norm,
+                    post_mlp_norm,
+                } => {
+                    let x = (x + post_attn_norm.forward(&attn)?)?;
+                    let m = b.mlp.forward(&mlp_norm.forward(&x)?)?;
+                    (&x + post_mlp_norm.forward(&m)?)?
+                }
             };
         }
         self.final_norm.forward(&x)
@@ -326,13 +374,20 @@ impl Model {
         let (t, _) = h.dims2()?;
         let d = &self.dims;
         let (nh, nkv, hd) = (d.n_head, d.n_kv_head, d.head_dim);
-        // (T, heads*hd) -> (heads, T, hd)
-        let heads = |x: Tensor, n: usize| x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous();
+        // (T, heads*hd) -> (heads, T, hd), each head's channels normed first if the block says.
+        let heads = |x: Tensor, n: usize, norm: Option<&Norm>| -> Result<Tensor> {
+            let x = match norm {
+                Some(norm) => norm.forward(&x.contiguous()?.reshape((t * n, hd))?)?,
+                None => x,
+            };
+            x.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let (q_norm, k_norm) = b.qk_norm.as_ref().map(|(q, k)| (q, k)).unzip();
         let qkv = b.qkv.forward(h)?; // (T, (nh + 2 nkv) * hd)
         Ok((
-            heads(qkv.narrow(1, 0, nh * hd)?, nh)?,
-            heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?,
-            heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?,
+            heads(qkv.narrow(1, 0, nh * hd)?, nh, q_norm)?,
+            heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv, k_norm)?,
+            heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv, None)?,
         ))
     }
 

@@ -130,6 +130,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
                 },
                 residual,
                 window: None,
+                qk_norm: None,
             })
         })
         .collect::<candle_core::Result<Vec<_>>>()?;

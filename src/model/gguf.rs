@@ -1,4 +1,4 @@
-//! Loading a Llama-architecture GGUF file: metadata to [`Config`], every tensor dequantized to
+//! Loading a GGUF file (llama or gemma3): metadata to the family's config, every tensor dequantized to
 //! f32 at load (candle's quantized kernels are slower and numerically touchy on this model).
 
 use std::collections::HashMap;
@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::decoder::Model;
+use super::gemma3;
 use super::llama::{self, Config, InvalidConfig, Naming};
 use super::rope::RopeScaling;
 
@@ -30,7 +31,7 @@ pub enum ModelError {
         "{path}: not a readable GGUF file ({why}); re-download it (scripts/fetch-defaults.sh checks the sha256)"
     )]
     Corrupt { path: String, why: String },
-    #[error("{path}: unsupported model ({why}); streamppl loads Llama-architecture GGUF files")]
+    #[error("{path}: unsupported model ({why}); streamppl loads llama and gemma3 GGUF files")]
     Unsupported { path: String, why: String },
     #[error("{path}: invalid model config: {field} = {value} ({why})")]
     InvalidConfig {
@@ -333,33 +334,79 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     check_model_file(path)?;
     let mut reader = BufReader::new(File::open(path).map_err(|e| bad(&p, e))?);
     let content = Content::read(&mut reader).map_err(|e| bad(&p, e))?;
-    let mut cfg = config_from_metadata(&content.metadata, &p)?;
-    cfg.tied_embeddings = !content.tensor_infos.contains_key("output.weight");
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(ModelError::Unsupported {
-            path: p,
-            why: "per-frequency RoPE factors (rope_freqs.weight, llama3 scaling); load the Hugging Face checkpoint instead".into(),
-        });
-    }
-    // Only the tensors the model reads: others (e.g. rope_freqs) are never dequantized.
-    let mut tensors = HashMap::new();
-    for name in check_tensor_shapes(&cfg, &content.tensor_infos, &p)? {
-        let q = content
-            .tensor(&mut reader, &name, device)
-            .map_err(|e| bad(&p, format!("tensor {name}: {e}")))?;
-        let t: Tensor = q
-            .dequantize(device)
-            .map_err(|e| bad(&p, format!("tensor {name}: {e}")))?;
-        tensors.insert(name, t);
-    }
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let arch = meta(&content.metadata, "general.architecture", &p)?
         .to_string()
         .map_err(|e| bad(&p, e))?
         .clone();
-    let model = llama::load(&cfg, vb, Naming::Gguf, &arch).map_err(|e| bad(&p, e))?;
+    let model = match arch.as_str() {
+        "gemma3" => load_gemma3(&content, &mut reader, &p, dtype, device)?,
+        _ => load_llama(&content, &mut reader, &p, dtype, device)?,
+    };
     Ok(GgufModel {
         model,
         metadata: content.metadata,
     })
+}
+
+/// Every tensor `names` of the file, dequantized to f32 on `device`.
+fn dequantized(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    names: impl IntoIterator<Item = String>,
+    path: &str,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    let mut tensors = HashMap::new();
+    for name in names {
+        let q = content
+            .tensor(reader, &name, device)
+            .map_err(|e| bad(path, format!("tensor {name}: {e}")))?;
+        let t: Tensor = q
+            .dequantize(device)
+            .map_err(|e| bad(path, format!("tensor {name}: {e}")))?;
+        tensors.insert(name, t);
+    }
+    Ok(tensors)
+}
+
+fn load_llama(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    p: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model, ModelError> {
+    let mut cfg = config_from_metadata(&content.metadata, p)?;
+    cfg.tied_embeddings = !content.tensor_infos.contains_key("output.weight");
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(ModelError::Unsupported {
+            path: p.into(),
+            why: "per-frequency RoPE factors (rope_freqs.weight, llama3 scaling); load the Hugging Face checkpoint instead".into(),
+        });
+    }
+    // Only the tensors the model reads: others (e.g. rope_freqs) are never dequantized.
+    let names = check_tensor_shapes(&cfg, &content.tensor_infos, p)?;
+    let tensors = dequantized(content, reader, names, p, device)?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    llama::load(&cfg, vb, Naming::Gguf, "llama").map_err(|e| bad(p, e))
+}
+
+/// Gemma 3: every tensor of the file is the model's; a missing or misshapen one is named by
+/// the loader.
+fn load_gemma3(
+    content: &Content,
+    reader: &mut BufReader<File>,
+    p: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model, ModelError> {
+    let cfg =
+        gemma3::config_from_gguf(&content.metadata).map_err(|why| ModelError::Unsupported {
+            path: p.into(),
+            why: format!("invalid gemma3 metadata: {why}"),
+        })?;
+    let names = content.tensor_infos.keys().cloned();
+    let tensors = dequantized(content, reader, names, p, device)?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    gemma3::load(&cfg, vb, gemma3::Source::Gguf, "gemma3").map_err(|e| bad(p, e))
 }

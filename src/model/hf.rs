@@ -12,10 +12,10 @@ use serde_json::Value;
 
 use super::decoder::Model;
 use super::rope::RopeScaling;
-use super::{falcon, llama, mpt, neox};
+use super::{falcon, gemma3, llama, mpt, neox};
 
 /// The `model_type`s streamppl runs, and the family file of each.
-pub const MODEL_TYPES: &str = "llama, mistral, qwen2, gpt_neox, falcon, mpt";
+pub const MODEL_TYPES: &str = "llama, mistral, qwen2, gpt_neox, falcon, mpt, gemma3_text";
 
 /// Builds the model of the checkpoint whose `config.json` is `config` and whose tensors are in
 /// the safetensors files `weights`, on `device` in `dtype`.
@@ -39,6 +39,11 @@ pub fn load_hf(config: &Path, weights: &[PathBuf], dtype: DType, device: &Device
         "gpt_neox" => neox::from_hf(&text, vb),
         "falcon" | "RefinedWeb" | "RefinedWebModel" => falcon::from_hf(&text, vb),
         "mpt" => mpt::from_hf(&text, vb),
+        "gemma3_text" => gemma3::from_hf(&text, vb),
+        "gemma3" => bail!(
+            "{}: a multimodal Gemma 3 checkpoint; streamppl runs the text model (`gemma3_text`): save its language model alone",
+            config.display()
+        ),
         other => bail!(
             "{}: unknown model_type `{other}`; streamppl runs {MODEL_TYPES}",
             config.display()
@@ -83,6 +88,20 @@ pub struct RopeConfig {
 }
 
 impl RopeConfig {
+    /// The RoPE settings of one `rope_parameters` object (transformers 5 keeps one per layer
+    /// type for Gemma 3).
+    pub fn from_parameters(parameters: Option<Value>) -> Self {
+        RopeConfig {
+            rope_parameters: parameters,
+            ..Default::default()
+        }
+    }
+
+    /// `rope_parameters` as written, if any.
+    pub fn parameters(&self) -> Option<&Value> {
+        self.rope_parameters.as_ref()
+    }
+
     pub fn theta(&self) -> f64 {
         self.rope_theta
             .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())

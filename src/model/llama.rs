@@ -277,6 +277,7 @@ pub fn load(cfg: &Config, vb: VarBuilder, naming: Naming, model_type: &str) -> R
                     mlp_norm: rms_norm(&vb, &p(mlp_norm), d, cfg.rms_eps)?,
                 },
                 window: cfg.layer_windows.get(i).copied().flatten(),
+                qk_norm: None,
             })
         })
         .collect::<Result<_>>()?;

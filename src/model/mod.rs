@@ -1,6 +1,6 @@
 //! Model code: knows tensors, not files of corpora or the command line.
 //!
-//! Every family (one file each: [`llama`], [`neox`], [`falcon`], [`mpt`]) builds the same
+//! Every family (one file each: [`llama`], [`neox`], [`falcon`], [`mpt`], [`gemma3`]) builds the same
 //! [`Model`] of [`decoder`] parts over the shared [`attention`] core; the engines see only
 //! [`Model`]. [`hf`] picks the family of a Hugging Face checkpoint, [`gguf`] reads GGUF files.
 
@@ -9,6 +9,7 @@ pub mod attention;
 pub mod cuda;
 pub mod decoder;
 pub mod falcon;
+pub mod gemma3;
 pub mod gguf;
 pub mod hf;
 pub mod kernels;

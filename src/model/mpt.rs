@@ -121,6 +121,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
                     mlp_norm: layer_norm(&vb, &p("norm_2"), d, eps, false)?,
                 },
                 window: None,
+                qk_norm: None,
             })
         })
         .collect::<candle_core::Result<Vec<_>>>()?;

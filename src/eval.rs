@@ -1,5 +1,7 @@
 //! One evaluation: tokenized corpus + strategy -> per-token NLL log -> metrics and run record.
 
+use std::borrow::Cow;
+
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
@@ -57,6 +59,9 @@ pub struct EvalOptions {
     pub engine: EngineKind,
     /// `--score-every k`: score only stream positions 0, k, 2k, ... (a sample; `None` = all).
     pub score_every: Option<u64>,
+    /// `--local-sinks`: layers with a sliding window of their own (Gemma 3's local layers) see
+    /// the sinks too, an ablation of the model as trained.
+    pub local_sinks: bool,
 }
 
 /// Block size of the block engine on the CPU unless `--block-size` says otherwise.
@@ -89,6 +94,7 @@ impl EvalOptions {
             max_tokens: None,
             engine: EngineKind::Block(DEFAULT_BLOCK_SIZE),
             score_every: None,
+            local_sinks: false,
         }
     }
 
@@ -115,6 +121,9 @@ impl EvalOptions {
         if let Some(k) = self.score_every {
             name.push_str(&format!("@every-{k}"));
         }
+        if self.local_sinks {
+            name.push_str("@local-sinks");
+        }
         name
     }
 
@@ -126,6 +135,9 @@ impl EvalOptions {
         }
         if !self.pos_shift {
             label.push_str(", no pos shift");
+        }
+        if self.local_sinks {
+            label.push_str(", sinks in local layers");
         }
         if let Some(k) = self.score_every {
             label.push_str(&format!(" (sample 1/{k})"));
@@ -158,6 +170,12 @@ impl EvalOptions {
         if !self.pos_shift && self.strategy.sink_window().is_none() {
             bail!(
                 "--no-pos-shift applies to window:W and sink:S+W only, not `{}`",
+                self.strategy
+            );
+        }
+        if self.local_sinks && !sink {
+            bail!(
+                "--local-sinks needs a strategy with sinks (sink:S+W with S >= 1), not `{}`",
                 self.strategy
             );
         }
@@ -255,6 +273,15 @@ pub fn fingerprint(
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The model as the options run it: with `--local-sinks`, a view whose windowed layers see the
+/// sinks (its tensors shared).
+pub fn model_for<'m>(model: &'m Model, opts: &EvalOptions) -> Result<Cow<'m, Model>> {
+    Ok(match (opts.local_sinks, opts.strategy) {
+        (true, Strategy::Sink { sinks, .. }) => Cow::Owned(model.with_local_sinks(sinks as u64)?),
+        _ => Cow::Borrowed(model),
+    })
+}
+
 /// Runs the strategy over the corpus and returns the per-token log (no checkpoints).
 pub fn evaluate(
     model: &Model,
@@ -266,7 +293,7 @@ pub fn evaluate(
     let stream = stream_for(tok, corpus, opts)?;
     progress.set_length(stream.scored_count());
     run_strategy(
-        model,
+        &*model_for(model, opts)?,
         opts.strategy,
         opts.pos_shift,
         opts.engine,

@@ -109,6 +109,9 @@ pub struct RunDef {
     /// `--score-every k` per scale: an exact sample, for runs too slow to score every token.
     #[serde(default)]
     pub score_every: Option<PerScale<u64>>,
+    /// `--local-sinks`: the sinks visible in layers with a window of their own too.
+    #[serde(default)]
+    pub local_sinks: bool,
 }
 
 fn yes() -> bool {
@@ -289,6 +292,7 @@ impl Experiment {
                         .score_every
                         .and_then(|k| k.get(scale))
                         .filter(|&k| k > 1),
+                    local_sinks: run.local_sinks,
                 };
                 options
                     .validate()

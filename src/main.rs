@@ -55,6 +55,10 @@ enum Command {
         /// Cache keys at their stream positions instead of positions inside the cache.
         #[arg(long)]
         no_pos_shift: bool,
+        /// Layers with a sliding window of their own (Gemma 3's local layers) see the sinks too:
+        /// an ablation of the model as trained (CPU only)
+        #[arg(long)]
+        local_sinks: bool,
         #[arg(long, default_value = "results/eval")]
         out: PathBuf,
         /// `block` (B fed tokens per forward pass, exact masks) or `token` (one pass per token, the reference).
@@ -374,6 +378,7 @@ fn run(cli: Cli) -> Result<()> {
             books,
             sink_text,
             no_pos_shift,
+            local_sinks,
             out,
             run,
             engine,
@@ -410,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_tokens,
                     engine,
                     score_every,
+                    local_sinks,
                 })
                 .collect();
             let finished = run_eval(&EvalJob {

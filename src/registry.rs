@@ -56,11 +56,16 @@ mod tests {
         assert!(all.len() >= 2);
         for (name, entry) in &all {
             assert!(entry.path.starts_with("models"), "{name}");
-            assert!(entry.fetch.starts_with("scripts/fetch-defaults.sh"), "{name}");
+            assert!(
+                entry.fetch.starts_with("scripts/fetch-defaults.sh"),
+                "{name}"
+            );
         }
         assert_eq!(lookup("smollm2-135m").unwrap().results, "");
         assert_eq!(
-            by_path(std::path::Path::new("models/gemma-3-270m-q4_k_m.gguf")).unwrap().results,
+            by_path(std::path::Path::new("models/gemma-3-270m-q4_k_m.gguf"))
+                .unwrap()
+                .results,
             "gemma3-270m"
         );
         assert!(lookup("nope").is_none());

@@ -615,7 +615,7 @@ fn compute(
     let memory = MemorySampler::start(bar.clone(), Duration::from_secs(1));
     let started = Instant::now();
     let log = run_strategy(
-        &lm.model,
+        &*crate::eval::model_for(&lm.model, opts)?,
         opts.strategy,
         opts.pos_shift,
         opts.engine,

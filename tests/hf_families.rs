@@ -236,3 +236,42 @@ fn the_cli_on_a_checkpoint_folder_logs_transformers_nlls() {
     }
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// `--local-sinks` on Gemma 3's layout (window 48 in the local layers): the block engine still
+/// equals the token engine; the NLLs equal the model as trained until the first sink is 48
+/// tokens back, then differ (the local layers now see it).
+#[test]
+fn local_sinks_reach_past_the_layer_window_in_both_engines() {
+    let (model, reference) = load(&fixtures_root().join("gemma3-local"));
+    let local_sinks = model.with_local_sinks(4).unwrap();
+    let stream = TokenStream::new(
+        std::slice::from_ref(&reference.tokens[..200].to_vec()),
+        &[],
+        None,
+    );
+    let trained = run(&model, "sink:4+60", true, EngineKind::Block(32), &stream);
+    let token = run(&local_sinks, "sink:4+60", true, EngineKind::Token, &stream);
+    let block = run(
+        &local_sinks,
+        "sink:4+60",
+        true,
+        EngineKind::Block(32),
+        &stream,
+    );
+    let max = |a: &NllLog, b: &NllLog, range: std::ops::Range<usize>| {
+        (a.records[range.clone()].iter().zip(&b.records[range]))
+            .map(|(x, y)| (x.nll - y.nll).abs())
+            .fold(0f32, f32::max)
+    };
+    let n = block.len();
+    assert!(max(&token, &block, 0..n) <= 5e-5, "block vs token");
+    // Record t is scored after fed token t; sink key 0 leaves the 48-token window at t = 48.
+    assert!(
+        max(&trained, &block, 0..48) <= 5e-5,
+        "same model before the sinks leave the window"
+    );
+    assert!(
+        max(&trained, &block, 48..n) > 1e-3,
+        "the local layers see the sinks"
+    );
+}

@@ -76,9 +76,19 @@ pub(crate) enum KeyMask {
 }
 
 impl KeyMask {
-    fn new(plan: &AttnPlan, window: Option<u64>, device: &Device) -> Result<Self> {
+    /// The mask of a layer with the given own window, through which the first `local_sinks`
+    /// fed tokens stay visible (`--local-sinks`; CPU only).
+    fn new(
+        plan: &AttnPlan,
+        window: Option<u64>,
+        local_sinks: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let (q_fed, k_fed) = (&plan.q_fed, &plan.k_fed);
         if !device.is_cpu() {
+            if local_sinks > 0 {
+                candle_core::bail!("--local-sinks runs on the CPU only; give --device cpu");
+            }
             let fed: Vec<i64> = q_fed.iter().chain(k_fed).map(|&i| i as i64).collect();
             return Ok(KeyMask::Rule {
                 fed: Tensor::from_vec(fed, q_fed.len() + k_fed.len(), device)?,
@@ -91,13 +101,19 @@ impl KeyMask {
         let mask: Vec<f32> = q_fed
             .iter()
             .flat_map(|&t| k_fed.iter().map(move |&j| (t, j)))
-            .map(|(t, j)| match plan.visibility.visible(t, j, window) {
-                true => 0.0,
-                false => {
-                    all_visible = false;
-                    f32::NEG_INFINITY
-                }
+            .map(|(t, j)| {
+                let sink = j < local_sinks;
+                (t, j, window.filter(|_| !sink))
             })
+            .map(
+                |(t, j, window)| match plan.visibility.visible(t, j, window) {
+                    true => 0.0,
+                    false => {
+                        all_visible = false;
+                        f32::NEG_INFINITY
+                    }
+                },
+            )
             .collect();
         Ok(match all_visible {
             true => KeyMask::All,
@@ -211,11 +227,12 @@ impl Attention {
     }
 
     /// Prepares the plan's positions, in `dtype`, and its masks for layers with each of the
-    /// `layer_windows`.
+    /// `layer_windows` (through which the first `local_sinks` fed tokens stay visible).
     pub(crate) fn place<'p>(
         &self,
         plan: &'p AttnPlan,
         layer_windows: impl IntoIterator<Item = Option<usize>>,
+        local_sinks: u64,
         dtype: DType,
         device: &Device,
     ) -> Result<Placement<'p>> {
@@ -242,7 +259,7 @@ impl Attention {
             }
             let window = window.map(|w| w as u64);
             if !masks.iter().any(|(have, _)| *have == window) {
-                masks.push((window, KeyMask::new(plan, window, device)?));
+                masks.push((window, KeyMask::new(plan, window, local_sinks, device)?));
             }
         }
         Ok(Placement {
@@ -461,7 +478,7 @@ mod tests {
         // One query over a cache that holds only what it sees (the token engine): no mask.
         let token = plan(vec![9], vec![0, 1, 6, 7, 8, 9], Visibility::CAUSAL);
         assert!(matches!(
-            KeyMask::new(&token, None, &dev).unwrap(),
+            KeyMask::new(&token, None, 0, &dev).unwrap(),
             KeyMask::All
         ));
         let rule = Visibility {
@@ -469,7 +486,7 @@ mod tests {
             recent: 1,
         };
         let block = plan(vec![3, 4], vec![0, 2, 3, 4], rule);
-        let KeyMask::Dense(mask) = KeyMask::new(&block, None, &dev).unwrap() else {
+        let KeyMask::Dense(mask) = KeyMask::new(&block, None, 0, &dev).unwrap() else {
             panic!("a block with hidden keys needs a mask")
         };
         let inf = f32::NEG_INFINITY;

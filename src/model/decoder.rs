@@ -124,7 +124,7 @@ pub struct Architecture {
     pub positions: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Model {
     pub dims: Dims,
     pub arch: Architecture,
@@ -135,6 +135,9 @@ pub struct Model {
     attention: Attention,
     /// Multiplies the embeddings on their way in, not the tied LM head (Gemma: sqrt(hidden)).
     embed_scale: Option<f64>,
+    /// Layers with a window of their own see the first `local_sinks` fed tokens too, the
+    /// strategy's sinks (`--local-sinks`; 0: the model as trained).
+    local_sinks: u64,
     device: Device,
 }
 
@@ -182,6 +185,7 @@ impl Model {
             lm_head,
             attention,
             embed_scale: None,
+            local_sinks: 0,
             device,
         })
     }
@@ -198,6 +202,20 @@ impl Model {
     pub fn with_positions(mut self, positions: super::attention::PositionScheme) -> Self {
         self.attention.positions = positions;
         self
+    }
+
+    /// The same model (its tensors shared, not copied) with the first `sinks` fed tokens, the
+    /// strategy's sinks, visible in the layers that have a sliding window of their own, as an
+    /// experiment: the `--local-sinks` ablation. CPU only (the GPU kernels apply layer windows
+    /// as trained).
+    pub fn with_local_sinks(&self, sinks: u64) -> Result<Model> {
+        if !self.device.is_cpu() {
+            candle_core::bail!("--local-sinks runs on the CPU only; give --device cpu");
+        }
+        Ok(Model {
+            local_sinks: sinks,
+            ..self.clone()
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -262,7 +280,13 @@ impl Model {
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
-        let at = (self.attention).place(plan, self.layer_windows(), self.dtype(), &self.device)?;
+        let at = (self.attention).place(
+            plan,
+            self.layer_windows(),
+            self.local_sinks,
+            self.dtype(),
+            &self.device,
+        )?;
         self.decoder(tokens, |layer, b, h| {
             let (q, k_new, v_new) = self.project_qkv(b, h)?;
             cache.write(layer, plan.write_at, &k_new, &v_new)?;
@@ -294,7 +318,7 @@ impl Model {
             k_fed: positions,
         };
         let batched = self.attention.for_windows(n_win);
-        let at = batched.place(&plan, self.layer_windows(), self.dtype(), &self.device)?;
+        let at = batched.place(&plan, self.layer_windows(), 0, self.dtype(), &self.device)?;
         // (heads, n_win * L, hd) -> (n_win * heads, L, hd): window w's heads come w-th.
         let by_window = |x: Tensor| -> Result<Tensor> {
             let (nh, _, hd) = x.dims3()?;

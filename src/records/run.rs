@@ -45,6 +45,10 @@ pub struct RunOptionsRecord {
     pub sink_text: Option<String>,
     /// `--score-every k`: a systematic 1-in-k sample.
     pub score_every: Option<u64>,
+    /// `--local-sinks`: the sinks visible in layers with a window of their own too (written
+    /// only when set, so records of other runs are unchanged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_sinks: bool,
 }
 
 impl RunOptionsRecord {
@@ -65,6 +69,7 @@ impl RunOptionsRecord {
             pos_shift: opts.pos_shift,
             sink_text: opts.sink_text.clone(),
             score_every: opts.score_every,
+            local_sinks: opts.local_sinks,
         }
     }
 
@@ -99,6 +104,7 @@ impl RunOptionsRecord {
             pos_shift: self.pos_shift,
             sink_text: self.sink_text.clone(),
             score_every: self.score_every,
+            local_sinks: self.local_sinks,
             ..EvalOptions::new(self.strategy()?)
         })
     }

@@ -87,7 +87,14 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
     assert_eq!(
         names,
         [
-            "ablation", "figure10", "figure3", "figure5", "table1", "table2", "table6"
+            "ablation",
+            "figure10",
+            "figure3",
+            "figure5",
+            "local-sinks",
+            "table1",
+            "table2",
+            "table6"
         ]
     );
     for name in &names {

@@ -208,7 +208,7 @@ fn the_report_sets_scales_side_by_side_and_shows_experiments_without_logs(out: &
     streamppl(&["report", out.to_str().unwrap()]);
     let report = read(&out.join("REPRODUCTION.md"));
     for want in [
-        "## Scales and devices side by side",
+        "## Scales, devices and models side by side",
         "### table2",
         "| run | `table2`: quick, cpu f32 | `elsewhere/table2`: paper, cpu f32 |",
         "## table2 (Table 2), paper scale",

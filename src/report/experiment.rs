@@ -707,7 +707,7 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
     );
     let side_by_side = scales_side_by_side(results, &dirs)?;
     if !side_by_side.is_empty() {
-        md.push_str("## Scales and devices side by side\n\nPPL (scored tokens) of each experiment's runs wherever it was run: the CPU's default scale beside the GPU's paper scale (`results/paper-h200/`). Sections for each follow.\n\n");
+        md.push_str("## Scales, devices and models side by side\n\nPPL (scored tokens) of each experiment's runs wherever it was run: the default model at the CPU's default scale beside the GPU's paper scale (`results/paper-h200/`), and other models in their own folders (`results/gemma3-270m/`: Gemma 3 270M). Sections for each follow.\n\n");
         md.push_str(&side_by_side);
     }
     for dir in &dirs {

@@ -245,6 +245,14 @@ const CASES: &[(&str, &str)] = &[
         "--sink-text needs a strategy with sinks",
     ),
     (
+        "eval --model {tiny} --corpus {books} --strategy window:8 --local-sinks",
+        "--local-sinks needs a strategy with sinks",
+    ),
+    (
+        "eval --model gemma3-9999 --corpus {books} --strategy dense",
+        "gemma3-9999",
+    ),
+    (
         r"eval --model {tiny} --corpus {books} --strategy sink:3+4 --sink-text ab",
         "is 2 tokens; give one token",
     ),

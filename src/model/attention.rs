@@ -102,18 +102,16 @@ impl KeyMask {
             .iter()
             .flat_map(|&t| k_fed.iter().map(move |&j| (t, j)))
             .map(|(t, j)| {
-                let sink = j < local_sinks;
-                (t, j, window.filter(|_| !sink))
-            })
-            .map(
-                |(t, j, window)| match plan.visibility.visible(t, j, window) {
+                // `--local-sinks`: the first fed tokens are seen through the layer's window.
+                let window = window.filter(|_| j >= local_sinks);
+                match plan.visibility.visible(t, j, window) {
                     true => 0.0,
                     false => {
                         all_visible = false;
                         f32::NEG_INFINITY
                     }
-                },
-            )
+                }
+            })
             .collect();
         Ok(match all_visible {
             true => KeyMask::All,

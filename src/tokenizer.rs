@@ -1,6 +1,6 @@
-//! The tokenizer: built from a GGUF file's own metadata (GPT-2-style byte-level BPE), or read
-//! from a Hugging Face `tokenizer.json` (+ `tokenizer_config.json`): a model folder's, or one
-//! beside a GGUF file.
+//! The tokenizer: built from a GGUF file's own metadata (GPT-2-style byte-level BPE, or
+//! SentencePiece BPE as Gemma 3's), or read from a Hugging Face `tokenizer.json`
+//! (+ `tokenizer_config.json`): a model folder's, or one beside a GGUF file.
 //!
 //! ```no_run
 //! use streamppl::tokenizer::TextTokenizer;
@@ -18,12 +18,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::Value as Json;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Encoding, PreTokenizerWrapper, Token, Tokenizer};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, DecoderWrapper, Encoding, PreTokenizerWrapper, Token, Tokenizer};
 
 use crate::source::{ModelFiles, ResolvedModel, TOKENIZER_CONFIG};
 
@@ -188,91 +193,30 @@ impl TextTokenizer {
         Ok(tok)
     }
 
-    /// Byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type,pre}` (spec section 4).
+    /// The tokenizer a GGUF file describes in `tokenizer.ggml.*`, as llama.cpp reads it:
+    /// `gpt2` is byte-level BPE with merges (spec section 4), `llama` is SentencePiece BPE
+    /// whose merges follow the token scores (Gemma 3).
     pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
-        let get = |k: &str| {
-            md.get(k).ok_or_else(|| {
-                anyhow!("no `{k}` in the GGUF metadata; put a tokenizer.json beside the model")
-            })
-        };
-        let model = get("tokenizer.ggml.model")?.to_string()?;
-        if model != "gpt2" {
-            bail!(
-                "tokenizer model `{model}` is not byte-level BPE (gpt2); put a tokenizer.json beside the model"
-            );
-        }
-        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
-            .to_vec()?
-            .iter()
-            .map(|v| v.to_string().cloned())
-            .collect::<Result<_, _>>()?;
-        let merges: Vec<(String, String)> = get("tokenizer.ggml.merges")?
-            .to_vec()?
-            .iter()
-            .map(|v| {
-                let m = v.to_string()?;
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| anyhow!("bad merge `{m}`"))
-            })
-            .collect::<Result<_>>()?;
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()?
-                .iter()
-                .map(|t| t.to_i32())
-                .collect::<Result<_, _>>()?,
-            None => vec![1; tokens.len()],
-        };
-        let vocab: ahash::AHashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow!("{e}"))?;
-        let mut inner = Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str);
-        match pre {
-            // SmolLM2: every digit is its own pre-token.
-            Some("smollm") => inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                PreTokenizerWrapper::Digits(Digits::new(true)),
-                PreTokenizerWrapper::ByteLevel(byte_level),
-            ]))),
-            Some("gpt2") | Some("default") | None => inner.with_pre_tokenizer(Some(byte_level)),
-            Some(other) => bail!(
-                "GGUF pre-tokenizer `{other}` is not supported yet; put a tokenizer.json beside the model"
+        let model = gguf_key(md, "tokenizer.ggml.model")?.to_string()?;
+        let (mut inner, scheme, bos) = match model.as_str() {
+            "gpt2" => (
+                byte_level_bpe(md)?,
+                ByteScheme::ByteLevel,
+                gguf_bos(md, false)?,
+            ),
+            // llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
+            "llama" => (sentencepiece_bpe(md)?, SENTENCEPIECE, gguf_bos(md, true)?),
+            other => bail!(
+                "tokenizer model `{other}` is neither byte-level BPE (gpt2) nor SentencePiece (llama); put a tokenizer.json beside the model"
             ),
         };
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // token_type 3 = control tokens: matched whole in the text, never split.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == 3)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(special)
-            .map_err(|e| anyhow!("adding control tokens: {e}"))?;
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let bos = match add_bos {
-            true => Some(get("tokenizer.ggml.bos_token_id")?.to_u32()?),
-            false => None,
-        };
+        if let Some(bos) = bos {
+            with_bos_template(&mut inner, bos)?;
+        }
         Ok(Self::from_tokenizer(
             inner,
             bos,
-            ByteScheme::ByteLevel,
+            scheme,
             Path::new("GGUF metadata"),
         ))
     }
@@ -428,6 +372,237 @@ impl TextTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
+/// How a GGUF SentencePiece vocabulary spells text: `▁` for a space, `<0xHH>` byte tokens.
+const SENTENCEPIECE: ByteScheme = ByteScheme::Metaspace {
+    replacement: '▁',
+    byte_fallback: true,
+};
+
+fn gguf_key<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
+    md.get(key).ok_or_else(|| {
+        anyhow!("no `{key}` in the GGUF metadata; put a tokenizer.json beside the model")
+    })
+}
+
+fn gguf_strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
+    Ok(gguf_key(md, key)?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<_, _>>()?)
+}
+
+/// `tokenizer.ggml.token_type`, one per token; every token is normal when it is absent.
+fn gguf_token_types(md: &HashMap<String, Value>, tokens: usize) -> Result<Vec<i32>> {
+    match md.get("tokenizer.ggml.token_type") {
+        Some(v) => Ok(v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32())
+            .collect::<Result<_, _>>()?),
+        None => Ok(vec![TOKEN_NORMAL; tokens]),
+    }
+}
+
+/// The BOS to put before every text: `tokenizer.ggml.bos_token_id` when
+/// `tokenizer.ggml.add_bos_token` (else `add_by_default`) says so.
+fn gguf_bos(md: &HashMap<String, Value>, add_by_default: bool) -> Result<Option<u32>> {
+    let add_bos = md
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(add_by_default);
+    Ok(match add_bos {
+        true => Some(gguf_key(md, "tokenizer.ggml.bos_token_id")?.to_u32()?),
+        false => None,
+    })
+}
+
+/// Puts `bos` before every text in the tokenizer's post-processor. [`TextTokenizer::encode`]
+/// adds BOS itself, so this only tells a saved `tokenizer.json` (and whoever loads it) about it.
+fn with_bos_template(inner: &mut Tokenizer, bos: u32) -> Result<()> {
+    let token = inner.id_to_token(bos).ok_or_else(|| {
+        anyhow!("`tokenizer.ggml.bos_token_id` {bos} is not a token id; the GGUF file is damaged, fetch it again")
+    })?;
+    let template = TemplateProcessing::builder()
+        .try_single(vec![token.as_str(), "$A"])
+        .map_err(|e| anyhow!("BOS template: {e}"))?
+        .special_tokens(vec![(token.as_str(), bos)])
+        .build()
+        .map_err(|e| anyhow!("BOS template: {e}"))?;
+    inner.with_post_processor(Some(template));
+    Ok(())
+}
+
+/// The tokens of `types` equal to `token_type`, as added tokens (`special` or not).
+fn added_tokens(
+    tokens: &[String],
+    types: &[i32],
+    token_type: i32,
+    special: bool,
+) -> Vec<AddedToken> {
+    tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, t)| **t == token_type)
+        .map(|(s, _)| AddedToken::from(s.clone(), special).normalized(false))
+        .collect()
+}
+
+/// Byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type,pre}` (spec section 4).
+fn byte_level_bpe(md: &HashMap<String, Value>) -> Result<Tokenizer> {
+    let tokens = gguf_strings(md, "tokenizer.ggml.tokens")?;
+    let merges: Vec<(String, String)> = gguf_strings(md, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow!("bad merge `{m}`"))
+        })
+        .collect::<Result<_>>()?;
+    let types = gguf_token_types(md, tokens.len())?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab_of(&tokens), merges)
+        .build()
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut inner = Tokenizer::new(bpe);
+    let byte_level = ByteLevel::new(false, true, true);
+    let pre = md
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str);
+    match pre {
+        // SmolLM2: every digit is its own pre-token.
+        Some("smollm") => inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(byte_level),
+        ]))),
+        Some("gpt2") | Some("default") | None => inner.with_pre_tokenizer(Some(byte_level)),
+        Some(other) => bail!(
+            "GGUF pre-tokenizer `{other}` is not supported yet; put a tokenizer.json beside the model"
+        ),
+    };
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    // Control tokens: matched whole in the text, never split.
+    inner
+        .add_special_tokens(added_tokens(&tokens, &types, TOKEN_CONTROL, true))
+        .map_err(|e| anyhow!("adding control tokens: {e}"))?;
+    Ok(inner)
+}
+
+/// SentencePiece BPE from `tokenizer.ggml.{tokens,scores,token_type}`, giving llama.cpp's ids:
+/// its SPM tokenizer joins, again and again, the adjacent pair that makes the vocabulary's
+/// highest-scoring token, which is a BPE whose merges are ranked by that score (see
+/// [`merges_by_score`]). As in llama.cpp (which tokenizes with `parse_special` off), only the
+/// user-defined tokens (runs of newlines, spaces and tabs, HTML tags) are matched whole in the
+/// raw text first; control tokens such as `<bos>` are spelled out like any other text.
+fn sentencepiece_bpe(md: &HashMap<String, Value>) -> Result<Tokenizer> {
+    refuse_dummy_prefix(md)?;
+    let tokens = gguf_strings(md, "tokenizer.ggml.tokens")?;
+    let scores = gguf_scores(md, tokens.len())?;
+    let types = gguf_token_types(md, tokens.len())?;
+    let mut inner = Tokenizer::new(score_ranked_bpe(md, &tokens, &scores)?);
+    with_metaspace(&mut inner)?;
+    // Not normalized: they match the raw text, spaces included, before ` ` becomes `▁`.
+    inner
+        .add_tokens(added_tokens(&tokens, &types, TOKEN_USER_DEFINED, false))
+        .map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
+    Ok(inner)
+}
+
+/// With `add_space_prefix` (llama.cpp's default, Llama 2) llama.cpp puts a space before the
+/// text and after every user-defined token, which the byte counts of [`PrefixSpace`] cannot
+/// follow; Gemma's files turn it off.
+fn refuse_dummy_prefix(md: &HashMap<String, Value>) -> Result<()> {
+    let space_prefix = md
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    if space_prefix {
+        bail!(
+            "SentencePiece vocabularies with a dummy prefix (`tokenizer.ggml.add_space_prefix` true or absent) are not supported yet; put a tokenizer.json beside the model"
+        );
+    }
+    Ok(())
+}
+
+/// A byte-fallback BPE over `tokens` whose merges follow `scores` (see [`merges_by_score`]).
+fn score_ranked_bpe(md: &HashMap<String, Value>, tokens: &[String], scores: &[f32]) -> Result<BPE> {
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab_of(tokens), merges_by_score(tokens, scores))
+        .byte_fallback(true);
+    let unk = md.get("tokenizer.ggml.unknown_token_id");
+    if let Some(unk) = unk.and_then(|id| tokens.get(id.to_u32().ok()? as usize)) {
+        bpe = bpe.unk_token(unk.clone());
+    }
+    bpe.build().map_err(|e| anyhow!("{e}"))
+}
+
+/// SentencePiece's spelling: a space is `▁` in tokens, byte tokens `<0xHH>` decode to bytes.
+fn with_metaspace(inner: &mut Tokenizer) -> Result<()> {
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| anyhow!("{e}"));
+    inner
+        .with_normalizer(Some(replace(" ", "▁")?))
+        .map_err(|e| anyhow!("{e}"))?;
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(replace("▁", " ")?),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ])));
+    Ok(())
+}
+
+/// `tokenizer.ggml.scores`, one per token.
+fn gguf_scores(md: &HashMap<String, Value>, tokens: usize) -> Result<Vec<f32>> {
+    let scores: Vec<f32> = gguf_key(md, "tokenizer.ggml.scores")?
+        .to_vec()?
+        .iter()
+        .map(|s| s.to_f32())
+        .collect::<Result<_, _>>()?;
+    if scores.len() != tokens {
+        bail!(
+            "`tokenizer.ggml.scores` holds {} scores for {tokens} tokens; the GGUF file is damaged, fetch it again",
+            scores.len()
+        );
+    }
+    Ok(scores)
+}
+
+fn vocab_of(tokens: &[String]) -> ahash::AHashMap<String, u32> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
+}
+
+/// The BPE merges equivalent to SentencePiece's scores: every way to write a token as two
+/// vocabulary tokens, ranked by the joined token's score, highest first (as transformers'
+/// GGUF converter and SentencePieceExtractor derive them). Equal scores keep vocabulary order.
+fn merges_by_score(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    let known: ahash::AHashSet<&str> = tokens.iter().map(String::as_str).collect();
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    // `+ 0.0` turns -0.0 into 0.0: llama.cpp compares scores with `<`, where they are equal.
+    order.sort_by(|&a, &b| (scores[b] + 0.0).total_cmp(&(scores[a] + 0.0)));
+    order
+        .into_iter()
+        .flat_map(|i| {
+            let token = tokens[i].as_str();
+            let known = &known;
+            token
+                .char_indices()
+                .skip(1)
+                .map(move |(at, _)| token.split_at(at))
+                .filter(move |(left, right)| known.contains(left) && known.contains(right))
+        })
+        .map(|(left, right)| (left.to_string(), right.to_string()))
+        .collect()
 }
 
 /// Every component object (`{"type": ...}`) of a `tokenizer.json` section, sequences flattened.
@@ -965,6 +1140,137 @@ mod tests {
         );
         assert!(!e.contains('\n'), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn merges_follow_the_score_of_the_joined_token() {
+        let tokens = ["a", "b", "c", "ab", "bc", "abc", "x"].map(String::from);
+        // `bc` outranks `ab`; `abc` comes last and has two spellings, both kept, left to right.
+        let merges = merges_by_score(&tokens, &[-1.0, -2.0, -3.0, -20.0, -10.0, -30.0, 0.0]);
+        let pair = |l: &str, r: &str| (l.to_string(), r.to_string());
+        let want = [
+            pair("b", "c"),
+            pair("a", "b"),
+            pair("a", "bc"),
+            pair("ab", "c"),
+        ];
+        assert_eq!(merges, want);
+        let swapped = merges_by_score(&tokens, &[-1.0, -2.0, -3.0, -10.0, -20.0, -30.0, 0.0]);
+        assert_eq!(swapped[..2], [pair("a", "b"), pair("b", "c")]);
+    }
+
+    /// GGUF metadata of a tiny SentencePiece vocabulary: `<pad> <eos> <bos> <unk>`, the 256
+    /// byte tokens, `▁ a b c ab bc`, and the user-defined `\n\n` and two spaces; `ab` and `bc`
+    /// score as given.
+    fn sentencepiece_gguf(ab: f32, bc: f32) -> HashMap<String, Value> {
+        let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"]
+            .map(String::from)
+            .into();
+        let mut types = vec![TOKEN_CONTROL; 4];
+        tokens.extend((0..=255).map(|b| format!("<0x{b:02X}>")));
+        types.extend([6; 256]);
+        tokens.extend(["▁", "a", "b", "c", "ab", "bc", "\n\n", "  "].map(String::from));
+        types.extend([1, 1, 1, 1, 1, 1, TOKEN_USER_DEFINED, TOKEN_USER_DEFINED]);
+        let mut scores = vec![0.0; tokens.len()];
+        scores[tokens.len() - 4] = ab;
+        scores[tokens.len() - 3] = bc;
+        let array = |v: Vec<Value>| Value::Array(v);
+        HashMap::from([
+            ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens".into(),
+                array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores".into(),
+                array(scores.into_iter().map(Value::F32).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                array(types.into_iter().map(Value::I32).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id".into(), Value::U32(3)),
+            ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)),
+        ])
+    }
+
+    #[test]
+    fn sentencepiece_gguf_merges_by_score_and_counts_every_byte() {
+        let pieces = |tok: &TextTokenizer, text: &str| -> Vec<String> {
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(ids[0], 2, "BOS, as llama.cpp adds by default");
+            assert_eq!(tok.decode(&ids[1..]).unwrap(), text);
+            assert_bytes_add_up(tok, text);
+            ids[1..]
+                .iter()
+                .map(|&id| tok.id_to_token(id).unwrap())
+                .collect()
+        };
+        let ab_first = TextTokenizer::from_gguf_metadata(&sentencepiece_gguf(-1.0, -2.0)).unwrap();
+        let bc_first = TextTokenizer::from_gguf_metadata(&sentencepiece_gguf(-2.0, -1.0)).unwrap();
+        assert_eq!(pieces(&ab_first, "abc"), ["ab", "c"]);
+        assert_eq!(pieces(&bc_first, "abc"), ["a", "bc"]);
+        // User-defined tokens match the raw text; a lone space is `▁`; the rest falls back to
+        // bytes, `<bos>` included (llama.cpp does not look for control tokens in text).
+        let want = [
+            "▁", "a", "  ", "b", "\n\n", "<0x0A>", "<0xC3>", "<0xA9>", "<0x3C>", "b", "<0x6F>",
+            "<0x73>", "<0x3E>",
+        ];
+        assert_eq!(pieces(&ab_first, " a  b\n\n\né<bos>"), want);
+        for text in TEXTS.iter().chain(&["", "\n\n\n", "   "]) {
+            pieces(&ab_first, text);
+        }
+    }
+
+    #[test]
+    fn a_saved_sentencepiece_gguf_tokenizer_loads_back_with_its_bos() {
+        let dir = temp_dir("sp-gguf-saved");
+        let path = dir.join("tokenizer.json");
+        let tok = TextTokenizer::from_gguf_metadata(&sentencepiece_gguf(-1.0, -2.0)).unwrap();
+        tok.save_json(&path).unwrap();
+        let loaded = TextTokenizer::from_hf_files(&path, None).unwrap();
+        assert_eq!(loaded.bos(), Some(2), "the post-processor carries BOS");
+        assert_eq!(loaded.prefix_space, PrefixSpace::Never);
+        for text in TEXTS.iter().chain(&[" a  b\n\n\né<bos>", "abc"]) {
+            assert_eq!(loaded.encode(text).unwrap(), tok.encode(text).unwrap());
+            assert_bytes_add_up(&loaded, text);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unsupported_gguf_tokenizers_are_one_line_errors() {
+        let error = |changes: &[(&str, Option<Value>)]| {
+            let mut md = sentencepiece_gguf(-1.0, -2.0);
+            for (key, value) in changes {
+                match value {
+                    Some(value) => md.insert(key.to_string(), value.clone()),
+                    None => md.remove(*key),
+                };
+            }
+            let e = TextTokenizer::from_gguf_metadata(&md)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(!e.contains('\n'), "{e}");
+            e
+        };
+        let e = error(&[("tokenizer.ggml.add_space_prefix", Some(Value::Bool(true)))]);
+        assert!(
+            e.contains("add_space_prefix") && e.contains("tokenizer.json"),
+            "{e}"
+        );
+        let e = error(&[("tokenizer.ggml.model", Some(Value::String("bert".into())))]);
+        assert!(
+            e.contains("`bert` is neither") && e.contains("tokenizer.json"),
+            "{e}"
+        );
+        let one_score = Value::Array(vec![Value::F32(0.0)]);
+        let e = error(&[("tokenizer.ggml.scores", Some(one_score))]);
+        assert!(e.contains("holds 1 scores for 268 tokens"), "{e}");
+        let e = error(&[("tokenizer.ggml.scores", None)]);
+        assert!(e.contains("no `tokenizer.ggml.scores`"), "{e}");
     }
 
     #[test]

@@ -133,12 +133,19 @@ pub enum PositionScheme {
 }
 
 impl PositionScheme {
+    /// Which of the scheme's rotary embeddings a layer with the given own window uses: 1 for
+    /// a local layer of [`PositionScheme::LocalGlobalRope`], else 0 (one table set serves
+    /// every layer of a one-base scheme, windowed or not).
+    fn rope_kind(&self, window: Option<usize>) -> usize {
+        usize::from(matches!(self, PositionScheme::LocalGlobalRope { .. }) && window.is_some())
+    }
+
     /// The rotary embedding of a layer with the given own window, if the scheme rotates.
     fn rope(&self, window: Option<usize>) -> Option<&Rope> {
-        match (self, window) {
+        match (self, self.rope_kind(window)) {
             (PositionScheme::Rope(rope), _) => Some(rope),
-            (PositionScheme::LocalGlobalRope { local, .. }, Some(_)) => Some(local),
-            (PositionScheme::LocalGlobalRope { global, .. }, None) => Some(global),
+            (PositionScheme::LocalGlobalRope { local, .. }, 1) => Some(local),
+            (PositionScheme::LocalGlobalRope { global, .. }, _) => Some(global),
             (PositionScheme::Alibi { .. }, _) => None,
         }
     }
@@ -170,7 +177,7 @@ pub(crate) struct Placement<'p> {
     k_pos: &'p [u64],
     /// The sink key count and the queries' positions for scoring them.
     sink_q_pos: Option<(usize, &'p [u64])>,
-    /// The tables of layers without a window of their own, then of those with one.
+    /// The tables of each of the scheme's rotary embeddings, by [`PositionScheme::rope_kind`].
     rope: [Option<RopeTables>; 2],
     /// One mask for each distinct layer window (`None`: the layers without one).
     masks: Vec<(Option<u64>, KeyMask)>,
@@ -183,10 +190,6 @@ impl Placement<'_> {
             .find(|(w, _)| *w == window)
             .expect("Attention::place prepares a mask for every layer window");
         mask
-    }
-
-    fn rope(&self, window: Option<usize>) -> Option<&RopeTables> {
-        self.rope[usize::from(window.is_some())].as_ref()
     }
 }
 
@@ -251,7 +254,7 @@ impl Attention {
         let mut rope = [None, None];
         let mut masks: Vec<(Option<u64>, KeyMask)> = Vec::new();
         for window in layer_windows {
-            let kind = usize::from(window.is_some());
+            let kind = self.positions.rope_kind(window);
             if let (None, Some(r)) = (&rope[kind], self.positions.rope(window)) {
                 rope[kind] = Some(tables(r)?);
             }
@@ -287,7 +290,7 @@ impl Attention {
             (Some(rope), Some((cos, sin))) => ops::rope(x, cos, sin, rope.layout),
             _ => Ok(x.clone()),
         };
-        let tables = at.rope(window);
+        let tables = at.rope[self.positions.rope_kind(window)].as_ref();
         let k = rotate(k, tables.map(|r| &r.k))?;
         let q_main = rotate(q, tables.map(|r| &r.q))?; // (nh, T, hd)
         // The sink key count, the queries' sink positions, and the queries placed there.

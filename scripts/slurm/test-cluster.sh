@@ -80,13 +80,34 @@ slurmd; sleep 1; PIDS+=("$(cat "$WORK/slurmd.pid")")
 for _ in $(seq 30); do sinfo -h -o %t 2>/dev/null | grep -q idle && break; sleep 1; done
 sinfo -h -o %t | grep -q idle || { echo "FAILED: the Slurm node never became idle" >&2; cat "$WORK/slurmd.log" >&2; exit 1; }
 
-# Waits until job $1 (and its array tasks) has left the queue.
+# Waits until job $1 (and its array tasks) has left the queue. A query that fails (slurmctld
+# busy: "Socket timed out") is asked again, never taken for an empty queue; a job already
+# purged from slurmctld's memory ("Invalid job id") has left.
 wait_gone() {
+    local out
     for _ in $(seq 600); do
-        [[ -z "$(squeue -h -j "$1" 2>/dev/null)" ]] && return 0
+        if out=$(squeue -h -j "$1" 2>&1); then
+            [[ -z "$out" ]] && return 0
+        elif [[ "$out" == *"Invalid job id"* ]]; then
+            return 0
+        fi
         sleep 1
     done
     echo "FAILED: job $1 still queued after 10 minutes" >&2; exit 1
+}
+# Waits until array task $1 has been requeued and has then finished: its record says
+# Restarts=1 (or more) and a final state. Asking for the task itself, not whether the queue
+# looks empty, is what keeps a requeued task that is not yet back in the queue from passing.
+wait_rerun_done() {
+    local info
+    for _ in $(seq 600); do
+        info=$(scontrol -o show job "$1" 2>/dev/null || true)
+        if [[ "$info" =~ Restarts=[1-9] && "$info" =~ JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL) ]]; then
+            return 0
+        fi
+        sleep 1
+    done
+    echo "FAILED: task $1 did not finish after its requeue within 10 minutes" >&2; exit 1
 }
 # Every cell's NLLs in $1 equal those in $2, and the grids are the same.
 same_sweep() {
@@ -128,7 +149,7 @@ scontrol requeue "${job}_0"
 # Slurm holds a requeued job back two minutes (BeginTime); let it start now.
 for _ in $(seq 100); do [[ "$(squeue -h -j "${job}_0" -o %t)" == PD ]] && break; sleep 0.2; done
 scontrol update JobId="${job}_0" StartTime=now
-wait_gone "$job"
+wait_rerun_done "${job}_0"
 grep -q "resum" slurm-streamppl-shard-"${job}"_0.out || { echo "FAILED: the requeued shard did not resume" >&2; cat slurm-streamppl-shard-"${job}"_0.out >&2; exit 1; }
 cell=$(basename "$(dirname "$(ls "$WORK"/long-single/*/run.json)")")
 line=$("$BIN" compare "$WORK/long/$cell" "$WORK/long-single/$cell")

@@ -64,23 +64,38 @@ fn machine() -> Machine {
     }
 }
 
+/// What one `streamppl bench` measures, and where it writes.
+pub struct BenchJob<'a> {
+    pub model: &'a Path,
+    pub corpus: &'a [PathBuf],
+    /// Stem of the result files.
+    pub name: &'a str,
+    pub sizes: &'a BenchSizes,
+    pub block_size: usize,
+    pub out_dir: &'a Path,
+    pub compute: &'a Compute,
+    /// Further models measured beside the main one (`--also-model`): the block engine at
+    /// `sink:4+1020` over `sizes.engines` tokens, each loaded after the previous one is dropped
+    /// so that its peak RSS is its own.
+    pub also_models: &'a [PathBuf],
+}
+
 /// Runs every measurement; writes `out_dir/<name>.json` and `out_dir/<name>.md`.
-pub fn run_bench(
-    model: &Path,
-    corpus: &[PathBuf],
-    name: &str,
-    sizes: &BenchSizes,
-    block_size: usize,
-    out_dir: &Path,
-    compute: &Compute,
-) -> Result<BenchReport> {
+pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
+    let BenchJob {
+        model,
+        corpus,
+        name,
+        sizes,
+        block_size,
+        out_dir,
+        compute,
+        also_models,
+    } = *job;
     let machine = machine();
     let lm = load_model(model, compute)?;
     let longest = sizes.flat_memory[1].max(sizes.engines);
-    let books = load_corpora(corpus)?;
-    let bar = progress_bar(books.len() as u64, "tokenizing", "books");
-    let tokenized = TokenizedCorpus::new(&lm.tokenizer, books, Some(longest), &bar)?;
-    bar.finish_and_clear();
+    let tokenized = tokenize(&lm, corpus, longest)?;
     let scratch = out_dir.join("runs").join(name);
     let block = EngineKind::Block(block_size);
     let plan: Vec<(&str, &str, EngineKind, u64)> = vec![
@@ -116,6 +131,25 @@ pub fn run_bench(
             &lm, &tokenized, corpus, what, strategy, engine, tokens, &scratch,
         )?);
     }
+    let main_model = lm.info.path.clone();
+    drop((lm, tokenized));
+    for other in also_models {
+        let lm = load_model(other, compute)?;
+        let tokenized = tokenize(&lm, corpus, sizes.engines)?;
+        let what = format!("block engine, {}", other.display());
+        let mut m = measure(
+            &lm,
+            &tokenized,
+            corpus,
+            &what,
+            "sink:4+1020",
+            block,
+            sizes.engines,
+            &scratch,
+        )?;
+        m.model = Some(lm.info.path.clone());
+        measurements.push(m);
+    }
     let tps = |what: &str| {
         measurements
             .iter()
@@ -133,7 +167,7 @@ pub fn run_bench(
         machine,
         threads: candle_core::utils::get_num_threads(),
         runs_per_figure: 1,
-        model: lm.info.path.clone(),
+        model: main_model,
         corpus: corpus
             .iter()
             .map(|p| p.display().to_string())
@@ -156,6 +190,15 @@ pub fn run_bench(
     std::fs::write(out_dir.join(format!("{name}.md")), markdown(&report))?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(report)
+}
+
+/// The corpus in `lm`'s tokens, up to `tokens` scored.
+fn tokenize(lm: &LoadedModel, corpus: &[PathBuf], tokens: u64) -> Result<TokenizedCorpus> {
+    let books = load_corpora(corpus)?;
+    let bar = progress_bar(books.len() as u64, "tokenizing", "books");
+    let tokenized = TokenizedCorpus::new(&lm.tokenizer, books, Some(tokens), &bar)?;
+    bar.finish_and_clear();
+    Ok(tokenized)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -189,6 +232,7 @@ fn measure(
         wall_seconds: r.wall_seconds,
         peak_rss_bytes: r.peak_rss_bytes,
         ppl: r.ppl,
+        model: None,
     })
 }
 

@@ -16,6 +16,7 @@ use crate::stream::TokenStream;
 use crate::tokenizer::TextTokenizer;
 
 /// Books with their token ids, tokenized only as far as a run needs.
+#[derive(Clone)]
 pub struct TokenizedCorpus {
     pub books: Vec<Book>,
     pub ids: Vec<Vec<u32>>,
@@ -44,6 +45,22 @@ impl TokenizedCorpus {
         books.truncate(ids.len());
         Ok(TokenizedCorpus { books, ids })
     }
+
+    /// The same books with `token` removed from the start of every book that starts with it.
+    fn without_leading(&self, token: u32) -> TokenizedCorpus {
+        let ids = self
+            .ids
+            .iter()
+            .map(|ids| match ids.first() {
+                Some(&first) if first == token => ids[1..].to_vec(),
+                _ => ids.clone(),
+            })
+            .collect();
+        TokenizedCorpus {
+            books: self.books.clone(),
+            ids,
+        }
+    }
 }
 
 /// What one run evaluates.
@@ -62,6 +79,8 @@ pub struct EvalOptions {
     /// `--local-sinks`: layers with a sliding window of their own (Gemma 3's local layers) see
     /// the sinks too, an ablation of the model as trained.
     pub local_sinks: bool,
+    /// `false` is `--no-bos`: books are fed without the BOS token their tokenizer puts first.
+    pub bos: bool,
 }
 
 /// Block size of the block engine on the CPU unless `--block-size` says otherwise.
@@ -95,6 +114,7 @@ impl EvalOptions {
             engine: EngineKind::Block(DEFAULT_BLOCK_SIZE),
             score_every: None,
             local_sinks: false,
+            bos: true,
         }
     }
 
@@ -124,6 +144,9 @@ impl EvalOptions {
         if self.local_sinks {
             name.push_str("@local-sinks");
         }
+        if !self.bos {
+            name.push_str("@no-bos");
+        }
         name
     }
 
@@ -138,6 +161,9 @@ impl EvalOptions {
         }
         if self.local_sinks {
             label.push_str(", sinks in local layers");
+        }
+        if !self.bos {
+            label.push_str(", no BOS");
         }
         if let Some(k) = self.score_every {
             label.push_str(&format!(" (sample 1/{k})"));
@@ -203,7 +229,7 @@ impl EvalOptions {
         let (Some(text), Strategy::Sink { sinks, .. }) = (&self.sink_text, self.strategy) else {
             return Ok(Vec::new());
         };
-        let ids = tok.encode(text)?;
+        let ids = tok.encode_without_bos(text)?;
         match ids.len() {
             1 => Ok(vec![ids[0]; sinks]),
             n if n == sinks => Ok(ids),
@@ -211,6 +237,20 @@ impl EvalOptions {
                 "--sink-text {text:?} is {n} tokens; give one token (repeated S={sinks} times) or exactly S tokens"
             ),
         }
+    }
+}
+
+/// The corpus as the options feed it: with `--no-bos`, every book without the BOS token its
+/// tokenizer put first (so each book's first text token is fed, not scored). Without a BOS
+/// (SmolLM2) the flag changes nothing.
+pub fn corpus_as_fed<'c>(
+    corpus: &'c TokenizedCorpus,
+    tok: &TextTokenizer,
+    opts: &EvalOptions,
+) -> Cow<'c, TokenizedCorpus> {
+    match (opts.bos, tok.bos()) {
+        (false, Some(bos)) => Cow::Owned(corpus.without_leading(bos)),
+        _ => Cow::Borrowed(corpus),
     }
 }
 
@@ -290,7 +330,7 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &ProgressBar,
 ) -> Result<NllLog> {
-    let stream = stream_for(tok, corpus, opts)?;
+    let stream = stream_for(tok, &corpus_as_fed(corpus, tok, opts), opts)?;
     progress.set_length(stream.scored_count());
     run_strategy(
         &*model_for(model, opts)?,

@@ -112,6 +112,9 @@ pub struct RunDef {
     /// `--local-sinks`: the sinks visible in layers with a window of their own too.
     #[serde(default)]
     pub local_sinks: bool,
+    /// `false` is `--no-bos`: books fed without their BOS token.
+    #[serde(default = "yes")]
+    pub bos: bool,
 }
 
 fn yes() -> bool {
@@ -293,6 +296,7 @@ impl Experiment {
                         .and_then(|k| k.get(scale))
                         .filter(|&k| k > 1),
                     local_sinks: run.local_sinks,
+                    bos: run.bos,
                 };
                 options
                     .validate()

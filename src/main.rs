@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use streamppl::bench::{BenchSizes, run_bench};
+use streamppl::bench::{BenchJob, BenchSizes, run_bench};
 use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
 use streamppl::engine::EngineKind;
 use streamppl::eval::EvalOptions;
@@ -59,6 +59,10 @@ enum Command {
         /// an ablation of the model as trained (CPU only)
         #[arg(long)]
         local_sinks: bool,
+        /// Feed every book without the BOS token its tokenizer puts first (Gemma 3's): an
+        /// ablation; the first text token of each book is then fed, not scored
+        #[arg(long)]
+        no_bos: bool,
         #[arg(long, default_value = "results/eval")]
         out: PathBuf,
         /// `block` (B fed tokens per forward pass, exact masks) or `token` (one pass per token, the reference).
@@ -134,6 +138,10 @@ enum Command {
         /// Small sizes: a smoke test of the bench itself, not figures to report.
         #[arg(long)]
         quick: bool,
+        /// Also measure this model's block engine at sink:4+1020 (a path or a registry name such
+        /// as gemma3-270m), in the same file; repeat for several.
+        #[arg(long = "also-model")]
+        also_models: Vec<PathBuf>,
         #[command(flatten)]
         compute: ComputeArgs,
     },
@@ -379,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
             sink_text,
             no_pos_shift,
             local_sinks,
+            no_bos,
             out,
             run,
             engine,
@@ -416,6 +425,7 @@ fn run(cli: Cli) -> Result<()> {
                     engine,
                     score_every,
                     local_sinks,
+                    bos: !no_bos,
                 })
                 .collect();
             let finished = run_eval(&EvalJob {
@@ -473,6 +483,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             block_size,
             quick,
+            also_models,
             compute,
         } => {
             let sizes = if quick {
@@ -482,7 +493,16 @@ fn run(cli: Cli) -> Result<()> {
             };
             let compute = compute.compute()?;
             let block_size = check_block_size(block_size, &compute)?;
-            let report = run_bench(&model, &corpus, &name, &sizes, block_size, &out, &compute)?;
+            let report = run_bench(&BenchJob {
+                model: &model,
+                corpus: &corpus,
+                name: &name,
+                sizes: &sizes,
+                block_size,
+                out_dir: &out,
+                compute: &compute,
+                also_models: &also_models,
+            })?;
             print!("{}", streamppl::bench::markdown(&report));
         }
         Command::Reproduce {

@@ -507,6 +507,8 @@ pub fn run_one(
     dir: &Path,
     policy: &RunPolicy,
 ) -> Result<FinishedRun> {
+    let fed = crate::eval::corpus_as_fed(corpus, &lm.tokenizer, opts);
+    let corpus: &TokenizedCorpus = &fed;
     let stream = stream_for(&lm.tokenizer, corpus, opts)?;
     let lock = match policy.wait_for_lock {
         true => RunLock::acquire_waiting(dir)?,
@@ -639,7 +641,7 @@ fn compute(
         numerics_epoch: identity.numerics_epoch,
         approximate: opts.is_approximate(),
         note: approximation_note(opts, &m),
-        model: lm.info.clone(),
+        model: model_info_as_fed(&lm.info, opts),
         corpus: corpus_info,
         tokens_scored: m.tokens,
         tokens_fed: stream.len() as u64,
@@ -675,6 +677,15 @@ fn compute(
         dir.display()
     );
     Ok(record)
+}
+
+/// The model's record as the run fed it: with `--no-bos`, no BOS was added.
+fn model_info_as_fed(info: &ModelInfo, opts: &EvalOptions) -> ModelInfo {
+    let mut info = info.clone();
+    if let Some(details) = info.details.as_mut() {
+        details.bos_added &= opts.bos;
+    }
+    info
 }
 
 /// What a reader must know about numbers that estimate rather than compute the strategy.

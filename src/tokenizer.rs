@@ -286,15 +286,20 @@ impl TextTokenizer {
 
     /// Token ids of `text`, exactly as stored (no normalization), with BOS if the model wants it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .bos
+            .into_iter()
+            .chain(self.encode_without_bos(text)?)
+            .collect())
+    }
+
+    /// Token ids of `text` alone, never a BOS (a piece of text inside a stream: `--sink-text`).
+    pub fn encode_without_bos(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode_fast(text, false)
             .map_err(|e| anyhow!("tokenizing: {e}"))?;
-        Ok(self
-            .bos
-            .into_iter()
-            .chain(enc.get_ids().iter().copied())
-            .collect())
+        Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -317,12 +322,14 @@ impl TextTokenizer {
         self.token_bytes.get(id as usize).copied().unwrap_or(0) as u64
     }
 
-    /// How many bytes of `text` token `ids[index]` stands for, where `ids` is `encode(text)`:
-    /// 0 for the BOS this tokenizer prepends, the first text token less the space the tokenizer
-    /// put before the text by itself (SentencePiece's dummy prefix), any other its
-    /// [`Self::token_bytes`]. Over all of `ids` these add up to `text.len()`.
+    /// How many bytes of `text` token `ids[index]` stands for, where `ids` is `encode(text)`,
+    /// with or without its BOS (`--no-bos`): 0 for the BOS, the first text token less the space
+    /// the tokenizer put before the text by itself (SentencePiece's dummy prefix), any other
+    /// its [`Self::token_bytes`]. Over all of `ids` these add up to `text.len()`.
     pub fn bytes_in_text(&self, text: &str, ids: &[u32], index: usize) -> u64 {
-        let first_text_token = usize::from(self.bos.is_some());
+        // A BOS id first is the prepended BOS: a GGUF tokenizer spells control tokens out, and
+        // a book that itself starts with the BOS's spelling is not in any corpus here.
+        let first_text_token = usize::from(self.bos.is_some() && ids.first() == self.bos.as_ref());
         match index.cmp(&first_text_token) {
             std::cmp::Ordering::Less => 0,
             std::cmp::Ordering::Equal => self

@@ -8,7 +8,7 @@ mod common;
 use indicatif::ProgressBar;
 use serde_json::Value as Json;
 use streamppl::corpus::load_corpus;
-use streamppl::eval::{EvalOptions, TokenizedCorpus, evaluate, metrics};
+use streamppl::eval::{EvalOptions, TokenizedCorpus, corpus_as_fed, evaluate, metrics};
 use streamppl::runner::{Compute, load_model};
 
 use common::registered_model_and_corpus;
@@ -20,6 +20,20 @@ const REFERENCE: &str = "tests/fixtures/gemma3-270m/reference.json";
 /// and every token's NLL is transformers' within float noise.
 #[test]
 fn dense_ppl_of_the_first_2048_tokens_of_paradise_lost_with_bos() {
+    dense_against_the_reference(true, 64.798);
+}
+
+/// `--no-bos`: the first 2048 text ids alone (2047 scored), against transformers on the same
+/// ids: streamppl measured 97.856 (transformers 97.8508); the BOS is worth a third of the PPL
+/// at the start of a book.
+#[test]
+fn dense_ppl_of_the_first_2048_tokens_of_paradise_lost_without_bos() {
+    dense_against_the_reference(false, 97.856);
+}
+
+/// Dense over 2047 scored tokens of the first book, with or without the BOS: the PPL within
+/// 0.01 of `measured_ppl` and every token's NLL within float noise of the reference's.
+fn dense_against_the_reference(bos: bool, measured_ppl: f64) {
     let Some((model, corpus)) = registered_model_and_corpus("gemma3-270m") else {
         return;
     };
@@ -35,6 +49,7 @@ fn dense_ppl_of_the_first_2048_tokens_of_paradise_lost_with_bos() {
     .unwrap();
     let mut opts = EvalOptions::new("dense".parse().unwrap());
     opts.max_tokens = Some(2047);
+    opts.bos = bos;
     let log = evaluate(
         &lm.model,
         &lm.tokenizer,
@@ -43,22 +58,29 @@ fn dense_ppl_of_the_first_2048_tokens_of_paradise_lost_with_bos() {
         &ProgressBar::hidden(),
     )
     .unwrap();
-    let m = metrics(&log, &corpus, &lm.tokenizer);
+    let fed = corpus_as_fed(&corpus, &lm.tokenizer, &opts);
+    let m = metrics(&log, &fed, &lm.tokenizer);
     assert_eq!(m.tokens, 2047);
-    assert!(
-        (m.ppl - 64.798).abs() <= 0.01,
-        "dense PPL {} (measured 64.798; transformers 64.7948)",
-        m.ppl
-    );
+    let key = if bos { "with_bos" } else { "without_bos" };
     let reference: Json = serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap())
         .unwrap_or_else(|e| panic!("{REFERENCE}: {e}"));
-    let want = reference["dense"]["with_bos"]["nll"].as_array().unwrap();
+    let reference = &reference["dense"][key];
+    assert!(
+        (m.ppl - measured_ppl).abs() <= 0.01,
+        "dense PPL {key} {} (measured {measured_ppl}; transformers {})",
+        m.ppl,
+        reference["ppl"]
+    );
+    let want = reference["nll"].as_array().unwrap();
     assert_eq!(want.len(), log.records.len());
     let diffs: Vec<f64> = (log.records.iter().zip(want))
         .map(|(r, w)| (r.nll as f64 - w.as_f64().unwrap()).abs())
         .collect();
     let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
     let max = diffs.iter().copied().fold(0.0, f64::max);
-    eprintln!("Gemma 3 270M dense vs transformers: mean |dNLL| {mean:.2e}, max {max:.2e}");
+    eprintln!(
+        "Gemma 3 270M dense {key}: PPL {:.4}; vs transformers: mean |dNLL| {mean:.2e}, max {max:.2e}",
+        m.ppl
+    );
     assert!(mean <= 2e-4 && max <= 2e-3, "mean |dNLL| {mean}, max {max}");
 }

@@ -196,3 +196,18 @@ fn whitespace_runs_and_byte_fallback_get_llama_cpp_ids() {
         assert_eq!(check_ids(&tok, text, &ids), None, "{text:?}");
     }
 }
+
+/// `--sink-text "\n"` on Gemma: the sinks are S copies of the newline's token, never the BOS
+/// that `encode` puts before a whole text (the ablation's `4"\n"+1020` run).
+#[test]
+fn sink_text_is_tokenized_without_the_bos() {
+    let Some(tok) = gemma_tokenizer() else {
+        return;
+    };
+    let newline = tok.encode_without_bos("\n").unwrap();
+    assert_eq!(tok.encode("\n").unwrap(), [&[2][..], &newline].concat());
+    assert_eq!(newline.len(), 1, "{newline:?}");
+    let mut opts = streamppl::eval::EvalOptions::new("sink:4+1020".parse().unwrap());
+    opts.sink_text = Some("\n".into());
+    assert_eq!(opts.sink_prefix(&tok).unwrap(), vec![newline[0]; 4]);
+}

@@ -237,6 +237,50 @@ fn the_cli_on_a_checkpoint_folder_logs_transformers_nlls() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// `--no-bos` on a model whose tokenizer adds BOS: the book is fed from its first text token,
+/// which is not scored, so the log holds the text's ids from the second on; the run folder and
+/// run.json say so. (The NLLs against transformers without BOS: tests/gemma3_model.rs.)
+#[test]
+fn no_bos_feeds_the_book_from_its_first_text_token() {
+    let dir = fixtures_root().join("gemma3-local");
+    let reference = load(&dir).1;
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        fixture["bos_added"], true,
+        "the fixture's tokenizer adds BOS"
+    );
+    let out = std::env::temp_dir().join(format!("streamppl-no-bos-{}", std::process::id()));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_streamppl"))
+        .args(["eval", "--model"])
+        .arg(&dir)
+        .arg("--corpus")
+        .arg(fixtures_root().join("corpus.txt"))
+        .args(["--strategy", "sink:4+60", "--no-bos", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run_dir = out.join("sink:4+60@no-bos");
+    let log = NllLog::read_parquet(&run_dir.join("nll.parquet")).unwrap();
+    let ids: Vec<u32> = log.records.iter().map(|r| r.token_id).collect();
+    assert_eq!(ids, reference.tokens[2..]);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("run.json")).unwrap()).unwrap();
+    assert_eq!(record["model"]["details"]["bos_added"], false);
+    assert_eq!(
+        record["bos"], false,
+        "the options (flattened into run.json)"
+    );
+    assert_eq!(record["tokens_scored"], reference.tokens.len() - 2);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// `--local-sinks` on Gemma 3's layout (window 48 in the local layers): the block engine still
 /// equals the token engine; the NLLs equal the model as trained until the first sink is 48
 /// tokens back, then differ (the local layers now see it).

@@ -88,6 +88,7 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
         names,
         [
             "ablation",
+            "bos",
             "figure10",
             "figure3",
             "figure5",

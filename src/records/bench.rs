@@ -20,6 +20,9 @@ pub struct Measurement {
     pub peak_rss_bytes: Option<u64>,
     #[serde(with = "float")]
     pub ppl: f64,
+    /// The model measured, when not the report's (`--also-model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

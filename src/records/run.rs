@@ -49,6 +49,17 @@ pub struct RunOptionsRecord {
     /// only when set, so records of other runs are unchanged).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local_sinks: bool,
+    /// `false` is `--no-bos` (written only then).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub bos: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 impl RunOptionsRecord {
@@ -70,6 +81,7 @@ impl RunOptionsRecord {
             sink_text: opts.sink_text.clone(),
             score_every: opts.score_every,
             local_sinks: opts.local_sinks,
+            bos: opts.bos,
         }
     }
 
@@ -105,6 +117,7 @@ impl RunOptionsRecord {
             sink_text: self.sink_text.clone(),
             score_every: self.score_every,
             local_sinks: self.local_sinks,
+            bos: self.bos,
             ..EvalOptions::new(self.strategy()?)
         })
     }

@@ -710,6 +710,7 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
         md.push_str("## Scales, devices and models side by side\n\nPPL (scored tokens) of each experiment's runs wherever it was run: the default model at the CPU's default scale beside the GPU's paper scale (`results/paper-h200/`), and other models in their own folders (`results/gemma3-270m/`: Gemma 3 270M). Sections for each follow.\n\n");
         md.push_str(&side_by_side);
     }
+    md.push_str(&families_reading(results)?);
     for dir in &dirs {
         let section = render_experiment(dir)?;
         let rel = dir.strip_prefix(results).unwrap_or(dir);
@@ -738,6 +739,26 @@ pub fn write_reproduction(results: &Path) -> Result<PathBuf> {
     std::fs::write(&path, md).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(path)
 }
+
+/// The reading across model families, `results/FAMILIES.md`: written by hand from the tables
+/// above it (what holds on each family is a judgment, not a number), included verbatim.
+fn families_reading(results: &Path) -> Result<String> {
+    let path = results.join(FAMILIES_MD);
+    if !path.is_file() {
+        return Ok(String::new());
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(format!(
+        "{}
+
+",
+        text.trim_end()
+    ))
+}
+
+/// The hand-written reading across families that REPRODUCTION.md includes.
+const FAMILIES_MD: &str = "FAMILIES.md";
 
 /// Folders holding the file `marker`, `dir` itself or up to `depth` levels below it.
 fn find_marked(dir: &Path, marker: &str, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {

@@ -62,6 +62,9 @@ struct KvState {
     /// Slots `0..occupied` are stored; `slot_token` has one entry per slot.
     occupied: usize,
     slot_token: Vec<u64>,
+    /// The first slot each layer stores (a capped layer drops older ones); absent: all 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    starts: Vec<usize>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -385,6 +388,10 @@ fn save_kv(cache: &KvCache, slot_token: &[u64], path: &Path) -> Result<KvState> 
         },
         occupied: slot_token.len(),
         slot_token: slot_token.to_vec(),
+        starts: match cache.starts() {
+            starts if starts.iter().all(|&s| s == 0) => Vec::new(),
+            starts => starts,
+        },
     })
 }
 
@@ -421,7 +428,11 @@ fn read_kv(path: &Path, saved: &KvState, model: &Model) -> std::result::Result<K
     let bytes = read_sealed(path, &saved.seal)?;
     let d = &model.dims;
     let shape = [d.n_layer, d.n_kv_head, saved.occupied, d.head_dim];
+    let starts = match saved.starts.is_empty() {
+        true => vec![0; d.n_layer],
+        false => saved.starts.clone(),
+    };
     candle_core::safetensors::load_buffer(&bytes, model.device())
-        .and_then(|tensors| KvCache::from_safetensors(tensors, shape, model.dtype()))
+        .and_then(|tensors| KvCache::from_safetensors(tensors, shape, &starts, model.dtype()))
         .map_err(|e| format!("{}: {e}", path.display()))
 }

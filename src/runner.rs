@@ -20,7 +20,8 @@ use crate::model::gguf::load_gguf;
 use crate::model::hf::load_hf;
 use crate::records::memory::write_csv;
 use crate::records::run::{
-    CorpusInfo, ModelDetails, ModelInfo, RUN_SCHEMA, RunOptionsRecord, RunRecord, Versions,
+    CorpusInfo, KvCacheRecord, ModelDetails, ModelInfo, RUN_SCHEMA, RunOptionsRecord, RunRecord,
+    Versions,
 };
 use crate::run_dir::{Existing, RunIdentity, RunLock, RunLocked, discard_contents, existing_run};
 use crate::source::{HfModelFiles, HubSettings, ModelFiles, resolve_model};
@@ -616,8 +617,9 @@ fn compute(
     reset_peak_rss();
     let memory = MemorySampler::start(bar.clone(), Duration::from_secs(1));
     let started = Instant::now();
+    let model = crate::eval::model_for(&lm.model, opts)?;
     let log = run_strategy(
-        &*crate::eval::model_for(&lm.model, opts)?,
+        &model,
         opts.strategy,
         opts.pos_shift,
         opts.engine,
@@ -658,6 +660,7 @@ fn compute(
         tokens_per_second: scored_here as f64 / wall,
         wall_seconds: wall,
         peak_rss_bytes: peak_rss_bytes(),
+        kv_cache: kv_cache_record(&model, opts, stream.len()),
         threads: candle_core::utils::get_num_threads(),
         versions: versions(),
         finished_at: now_rfc3339(),
@@ -677,6 +680,33 @@ fn compute(
         dir.display()
     );
     Ok(record)
+}
+
+/// The KV cache of a run over `fed` tokens at its fullest, per kind of layer (grouped by
+/// their own window and the keys they hold).
+fn kv_cache_record(model: &Model, opts: &EvalOptions, fed: usize) -> Vec<KvCacheRecord> {
+    let keys = crate::engine::peak_cache_keys(model, opts.strategy, opts.engine, fed);
+    let bytes_per_key =
+        2 * model.dims.n_kv_head * model.dims.head_dim * model.dtype().size_in_bytes();
+    let mut kinds: Vec<KvCacheRecord> = Vec::new();
+    for (window, keys) in model.layer_windows().into_iter().zip(keys) {
+        match kinds
+            .iter_mut()
+            .find(|k| k.window == window && k.keys_per_layer == keys)
+        {
+            Some(kind) => kind.layers += 1,
+            None => kinds.push(KvCacheRecord {
+                window,
+                layers: 1,
+                keys_per_layer: keys,
+                bytes: 0,
+            }),
+        }
+    }
+    for kind in &mut kinds {
+        kind.bytes = (kind.layers * kind.keys_per_layer * bytes_per_key) as u64;
+    }
+    kinds
 }
 
 /// The model's record as the run fed it: with `--no-bos`, no BOS was added.

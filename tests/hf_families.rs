@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use indicatif::ProgressBar;
 use serde::Deserialize;
-use streamppl::engine::{EngineKind, run_strategy};
+use streamppl::engine::{EngineKind, peak_cache_keys, run_strategy};
 use streamppl::model::Model;
 use streamppl::model::hf::load_hf;
 use streamppl::nll_log::NllLog;
@@ -318,4 +318,61 @@ fn local_sinks_reach_past_the_layer_window_in_both_engines() {
         max(&trained, &block, 48..n) > 1e-3,
         "the local layers see the sinks"
     );
+}
+
+/// Gemma 3's local layers (window 48 here) hold at most window + B keys in the block engine:
+/// an interrupted run checkpoints those capped layers (their first stored slot recorded) and
+/// resumes to exactly the numbers of an uninterrupted one.
+#[test]
+fn capped_local_layers_checkpoint_and_resume_to_the_same_numbers() {
+    use std::time::Duration;
+    use streamppl::checkpoint::Checkpointer;
+    let (model, reference) = load(&fixtures_root().join("gemma3-local"));
+    assert_eq!(model.layer_caps(32), [Some(80), Some(80), None, Some(80)]);
+    // What run.json's `kv_cache` reports: layer 2 is global.
+    let keys = |spec: &str, engine| peak_cache_keys(&model, spec.parse().unwrap(), engine, 200);
+    assert_eq!(keys("sink:4+60", EngineKind::Block(32)), [80, 80, 96, 80]);
+    assert_eq!(keys("dense", EngineKind::Block(32)), [80, 80, 200, 80]);
+    assert_eq!(keys("sink:4+60", EngineKind::Token), [65; 4]);
+    assert!(keys("recompute:64", EngineKind::Block(32)).is_empty());
+    let stream = TokenStream::new(
+        std::slice::from_ref(&reference.tokens[..200].to_vec()),
+        &[],
+        None,
+    );
+    for spec in ["sink:4+60", "dense"] {
+        let s: Strategy = spec.parse().unwrap();
+        let engine = EngineKind::Block(32);
+        let hidden = ProgressBar::hidden();
+        let whole = run_strategy(&model, s, true, engine, &stream, &hidden, None).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "streamppl-capped-{}-{}",
+            std::process::id(),
+            spec.replace(':', "_")
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A crash right after the checkpoint at fed token 128 (four blocks).
+        let cut = TokenStream {
+            fed: stream.fed[..128].to_vec(),
+            targets: stream.targets[..128].to_vec(),
+        };
+        let mut ckpt = Checkpointer::new(&dir, "same run".into(), Duration::ZERO);
+        run_strategy(&model, s, true, engine, &cut, &hidden, Some(&mut ckpt)).unwrap();
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("checkpoint/state.json")).unwrap(),
+        )
+        .unwrap();
+        let starts = state["kv"]["starts"]
+            .as_array()
+            .expect("capped layers' starts");
+        assert!(
+            starts.iter().any(|s| s.as_u64() > Some(0)),
+            "{spec}: {starts:?}"
+        );
+        let mut ckpt = Checkpointer::new(&dir, "same run".into(), Duration::from_secs(3600));
+        let resumed =
+            run_strategy(&model, s, true, engine, &stream, &hidden, Some(&mut ckpt)).unwrap();
+        assert_eq!(resumed, whole, "{spec}: resumed run differs");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

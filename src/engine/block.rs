@@ -59,8 +59,11 @@ impl<'m> BlockEngine<'m> {
             budget,
             pos_shift,
             block,
-            // Empty until `run` knows the stream.
-            cache: model.new_cache(0)?,
+            // Empty until `run` knows the stream; a layer with a window of its own holds at
+            // most window + B keys whatever the strategy.
+            cache: model
+                .new_cache(0)?
+                .with_layer_caps(&model.layer_caps(block))?,
             max_slots,
             held: Vec::new(),
             context: ContextWarning::new(model),
@@ -188,7 +191,8 @@ impl<'m> BlockEngine<'m> {
             progress,
         ) {
             if let Some((cache, held)) = state.kv {
-                (self.cache, self.held) = (cache, held);
+                let caps = self.model.layer_caps(self.block);
+                (self.cache, self.held) = (cache.with_layer_caps(&caps)?, held);
             }
             (start, log) = (state.next, state.log);
         }

@@ -94,6 +94,34 @@ pub(crate) fn cache_slots(strategy: Strategy, extra: usize, total: &str) -> Resu
     })
 }
 
+/// The most keys each layer's cache holds at once in a run of `strategy` on `engine` over
+/// `fed` tokens: S+W plus the tokens fed at a time (B, or 1 for the token engine; every fed
+/// token for dense), and no more than a windowed layer's cap in the block engine (see
+/// [`Model::layer_caps`]). Empty for `recompute`, which keeps no cache.
+pub fn peak_cache_keys(
+    model: &Model,
+    strategy: Strategy,
+    engine: EngineKind,
+    fed: usize,
+) -> Vec<usize> {
+    let fed_at_once = match engine {
+        EngineKind::Token => 1,
+        EngineKind::Block(b) => b,
+    };
+    let held = match strategy {
+        Strategy::Recompute { .. } => return Vec::new(),
+        Strategy::Dense => fed,
+        s => cache_slots(s, fed_at_once, "").map_or(fed, |slots| slots.min(fed)),
+    };
+    let caps = match engine {
+        EngineKind::Token => vec![None; model.dims.n_layer],
+        EngineKind::Block(b) => model.layer_caps(b),
+    };
+    (caps.iter())
+        .map(|cap| cap.map_or(held, |c| c.min(held)))
+        .collect()
+}
+
 /// Warns once when a position passes the model's trained context: an experiment, not an error.
 pub(crate) struct ContextWarning {
     context: u64,

@@ -76,15 +76,16 @@ pub(crate) enum KeyMask {
 }
 
 impl KeyMask {
-    /// The mask of a layer with the given own window, through which the first `local_sinks`
-    /// fed tokens stay visible (`--local-sinks`; CPU only).
+    /// The mask of a layer with the given own window over the key slots from `start` on (a
+    /// capped layer stores no earlier one), through which the first `local_sinks` fed tokens
+    /// stay visible (`--local-sinks`; CPU only).
     fn new(
         plan: &AttnPlan,
-        window: Option<u64>,
+        (window, start): (Option<u64>, usize),
         local_sinks: u64,
         device: &Device,
     ) -> Result<Self> {
-        let (q_fed, k_fed) = (&plan.q_fed, &plan.k_fed);
+        let (q_fed, k_fed) = (&plan.q_fed, &plan.k_fed[start..]);
         if !device.is_cpu() {
             if local_sinks > 0 {
                 candle_core::bail!("--local-sinks runs on the CPU only; give --device cpu");
@@ -179,19 +180,24 @@ pub(crate) struct Placement<'p> {
     sink_q_pos: Option<(usize, &'p [u64])>,
     /// The tables of each of the scheme's rotary embeddings, by [`PositionScheme::rope_kind`].
     rope: [Option<RopeTables>; 2],
-    /// One mask for each distinct layer window (`None`: the layers without one).
-    masks: Vec<(Option<u64>, KeyMask)>,
+    /// One mask for each distinct layer window (`None`: the layers without one) and first
+    /// stored key slot.
+    masks: Vec<((Option<u64>, usize), KeyMask)>,
 }
 
 impl Placement<'_> {
-    fn mask(&self, window: Option<usize>) -> &KeyMask {
-        let window = window.map(|w| w as u64);
+    fn mask(&self, (window, start): LayerKeys) -> &KeyMask {
+        let keys = (window.map(|w| w as u64), start);
         let (_, mask) = (self.masks.iter())
-            .find(|(w, _)| *w == window)
-            .expect("Attention::place prepares a mask for every layer window");
+            .find(|(k, _)| *k == keys)
+            .expect("Attention::place prepares a mask for every layer window and start");
         mask
     }
 }
+
+/// A layer's own window (`None`: none) and the first key slot its cache stores (0 unless the
+/// cache is capped): which of a plan's keys the layer attends over, and how.
+pub(crate) type LayerKeys = (Option<usize>, usize);
 
 /// Rotary tables (cos, sin), each (rows, rotary_dim / 2).
 struct RopeTables {
@@ -228,11 +234,12 @@ impl Attention {
     }
 
     /// Prepares the plan's positions, in `dtype`, and its masks for layers with each of the
-    /// `layer_windows` (through which the first `local_sinks` fed tokens stay visible).
+    /// `layers`' windows and first key slots (through the windows, the first `local_sinks` fed
+    /// tokens stay visible).
     pub(crate) fn place<'p>(
         &self,
         plan: &'p AttnPlan,
-        layer_windows: impl IntoIterator<Item = Option<usize>>,
+        layers: impl IntoIterator<Item = LayerKeys>,
         local_sinks: u64,
         dtype: DType,
         device: &Device,
@@ -252,15 +259,15 @@ impl Attention {
             })
         };
         let mut rope = [None, None];
-        let mut masks: Vec<(Option<u64>, KeyMask)> = Vec::new();
-        for window in layer_windows {
+        let mut masks: Vec<((Option<u64>, usize), KeyMask)> = Vec::new();
+        for (window, start) in layers {
             let kind = self.positions.rope_kind(window);
             if let (None, Some(r)) = (&rope[kind], self.positions.rope(window)) {
                 rope[kind] = Some(tables(r)?);
             }
-            let window = window.map(|w| w as u64);
-            if !masks.iter().any(|(have, _)| *have == window) {
-                masks.push((window, KeyMask::new(plan, window, local_sinks, device)?));
+            let keys = (window.map(|w| w as u64), start);
+            if !masks.iter().any(|(have, _)| *have == keys) {
+                masks.push((keys, KeyMask::new(plan, keys, local_sinks, device)?));
             }
         }
         Ok(Placement {
@@ -273,15 +280,16 @@ impl Attention {
     }
 
     /// Attention of queries `q` (nh, T, hd), pre-scaled, over keys `k` and values `v`
-    /// (nkv, n_keys, hd), all before positions, placed by `at`, in a layer with the sliding
-    /// `window` of its own, if any. Returns (T, nh * hd), before the output projection.
+    /// (nkv, n_keys, hd), the plan's key slots from `first_key` on, all before positions,
+    /// placed by `at`, in a layer with the sliding `window` of its own, if any. Returns
+    /// (T, nh * hd), before the output projection.
     pub(crate) fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         at: &Placement<'_>,
-        window: Option<usize>,
+        (window, first_key): LayerKeys,
     ) -> Result<Tensor> {
         let (nh, t, hd) = q.dims3()?;
         let n_keys = k.dim(1)?;
@@ -291,18 +299,27 @@ impl Attention {
             _ => Ok(x.clone()),
         };
         let tables = at.rope[self.positions.rope_kind(window)].as_ref();
-        let k = rotate(k, tables.map(|r| &r.k))?;
+        let k_table = match tables.map(|r| &r.k) {
+            Some((cos, sin)) if first_key > 0 => Some((
+                cos.narrow(0, first_key, n_keys)?,
+                sin.narrow(0, first_key, n_keys)?,
+            )),
+            table => table.cloned(),
+        };
+        let k_pos = &at.k_pos[first_key..];
+        let k = rotate(k, k_table.as_ref())?;
         let q_main = rotate(q, tables.map(|r| &r.q))?; // (nh, T, hd)
-        // The sink key count, the queries' sink positions, and the queries placed there.
+        // The sink keys the layer stores, the queries' sink positions, and the queries placed
+        // there.
         let q_sink = match at.sink_q_pos {
-            Some((n_sink, pos)) => Some((
-                n_sink,
+            Some((n_sink, pos)) if n_sink > first_key => Some((
+                n_sink - first_key,
                 pos,
                 rotate(q, tables.and_then(|r| r.sink_q.as_ref()))?,
             )),
-            None => None,
+            _ => None,
         };
-        let mask = at.mask(window);
+        let mask = at.mask((window, first_key));
         let sink_queries = q_sink.as_ref().map(|(n, _, q)| (*n, q));
         if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask, rope.is_some())? {
             return Ok(out);
@@ -322,16 +339,16 @@ impl Attention {
                         self.part_scores(
                             &q_sink.narrow(1, start, tq)?,
                             &k.narrow(1, 0, *n_sink)?,
-                            (&sink_pos[rows.clone()], &at.k_pos[..*n_sink]),
+                            (&sink_pos[rows.clone()], &k_pos[..*n_sink]),
                         )?,
                         self.part_scores(
                             &q_main,
                             &k.narrow(1, *n_sink, n_keys - n_sink)?,
-                            (&at.q_pos[rows], &at.k_pos[*n_sink..]),
+                            (&at.q_pos[rows], &k_pos[*n_sink..]),
                         )?,
                     ]
                 }
-                None => vec![self.part_scores(&q_main, &k, (&at.q_pos[rows], at.k_pos))?],
+                None => vec![self.part_scores(&q_main, &k, (&at.q_pos[rows], k_pos))?],
             }; // each (nh, tq, keys of the part)
             let probs = ops::masked_softmax(&parts, mask, start..start + tq)?; // (nh, tq, n_keys)
             outs.push(self.grouped(&probs, |p| p.matmul(v))?); // (nh, tq, hd)
@@ -479,7 +496,7 @@ mod tests {
         // One query over a cache that holds only what it sees (the token engine): no mask.
         let token = plan(vec![9], vec![0, 1, 6, 7, 8, 9], Visibility::CAUSAL);
         assert!(matches!(
-            KeyMask::new(&token, None, 0, &dev).unwrap(),
+            KeyMask::new(&token, (None, 0), 0, &dev).unwrap(),
             KeyMask::All
         ));
         let rule = Visibility {
@@ -487,7 +504,7 @@ mod tests {
             recent: 1,
         };
         let block = plan(vec![3, 4], vec![0, 2, 3, 4], rule);
-        let KeyMask::Dense(mask) = KeyMask::new(&block, None, 0, &dev).unwrap() else {
+        let KeyMask::Dense(mask) = KeyMask::new(&block, (None, 0), 0, &dev).unwrap() else {
             panic!("a block with hidden keys needs a mask")
         };
         let inf = f32::NEG_INFINITY;

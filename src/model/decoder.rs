@@ -258,6 +258,25 @@ impl Model {
         n
     }
 
+    /// How many slots each layer's cache needs at most when `extra` tokens are fed at a time:
+    /// a layer with a window of its own sees the last `window` keys only, so `window + extra`
+    /// (every slot, `None`, for the others, and for all under `--local-sinks`, whose windowed
+    /// layers see the first keys too).
+    pub fn layer_caps(&self, extra: usize) -> Vec<Option<usize>> {
+        (self.blocks.iter())
+            .map(|b| {
+                b.window
+                    .filter(|_| self.local_sinks == 0)
+                    .map(|w| w.saturating_add(extra))
+            })
+            .collect()
+    }
+
+    /// The layers' own windows (`None`: none), in order.
+    pub fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.blocks.iter().map(|b| b.window).collect()
+    }
+
     /// A KV cache shaped for this model, in its dtype.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let d = &self.dims;
@@ -280,9 +299,15 @@ impl Model {
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
+        // A capped layer's cache (see `layer_caps`) drops its oldest keys first; it then
+        // attends over the slots it still stores, from `cache.start(layer)` on.
+        cache.make_room(plan.write_at, plan.write_at + tokens.len())?;
+        let layers: Vec<(Option<usize>, usize)> = (self.blocks.iter().enumerate())
+            .map(|(i, b)| (b.window, cache.start(i)))
+            .collect();
         let at = (self.attention).place(
             plan,
-            self.layer_windows(),
+            layers.iter().copied(),
             self.local_sinks,
             self.dtype(),
             &self.device,
@@ -290,9 +315,11 @@ impl Model {
         self.decoder(tokens, |layer, b, h| {
             let (q, k_new, v_new) = self.project_qkv(b, h)?;
             cache.write(layer, plan.write_at, &k_new, &v_new)?;
-            let (k, v) = cache.read(layer, plan.k_pos.len())?; // (nkv, n_keys, hd), pre-position
+            // (nkv, n_keys - start, hd), pre-position
+            let (k, v) = cache.read(layer, plan.k_pos.len())?;
+            let keys = layers[layer];
             b.out
-                .forward(&self.attention.attend(&q, &k, &v, &at, b.window)?)
+                .forward(&self.attention.attend(&q, &k, &v, &at, keys)?)
         })
     }
 
@@ -318,7 +345,9 @@ impl Model {
             k_fed: positions,
         };
         let batched = self.attention.for_windows(n_win);
-        let at = batched.place(&plan, self.layer_windows(), 0, self.dtype(), &self.device)?;
+        let layers: Vec<(Option<usize>, usize)> =
+            self.blocks.iter().map(|b| (b.window, 0)).collect();
+        let at = batched.place(&plan, layers, 0, self.dtype(), &self.device)?;
         // (heads, n_win * L, hd) -> (n_win * heads, L, hd): window w's heads come w-th.
         let by_window = |x: Tensor| -> Result<Tensor> {
             let (nh, _, hd) = x.dims3()?;
@@ -334,7 +363,7 @@ impl Model {
                 &by_window(k)?,
                 &by_window(v)?,
                 &at,
-                b.window,
+                (b.window, 0),
             )?;
             // (L, n_win * nh * hd) with columns by (window, head) -> rows by (window, token).
             let width = out.dim(1)? / n_win;
@@ -348,10 +377,6 @@ impl Model {
     }
 
     /// Each layer's own sliding window, if any.
-    fn layer_windows(&self) -> impl Iterator<Item = Option<usize>> + '_ {
-        self.blocks.iter().map(|b| b.window)
-    }
-
     /// The decoder stack over `tokens`, with `attention(layer, block, normed x)` giving each
     /// layer's attention output (T, hidden). Returns the final-normed hidden states (T, hidden).
     fn decoder(

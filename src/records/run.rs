@@ -182,6 +182,10 @@ pub struct RunRecord {
     pub wall_seconds: f64,
     /// Peak resident memory of the process during this run (Linux VmHWM, reset at the start).
     pub peak_rss_bytes: Option<u64>,
+    /// The KV cache at its fullest, per kind of layer (absent for `recompute`, which keeps none,
+    /// and in records written before it was kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv_cache: Vec<KvCacheRecord>,
     pub threads: usize,
     pub versions: Versions,
     /// UTC time the run finished, RFC 3339.
@@ -228,6 +232,18 @@ pub struct CorpusInfo {
     pub path: String,
     pub books: u32,
     pub max_tokens: Option<u64>,
+}
+
+/// The KV cache of one kind of layer: those with the same own window holding as many keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KvCacheRecord {
+    /// The layers' own sliding window (`None`: global layers, which follow the strategy alone).
+    pub window: Option<usize>,
+    pub layers: usize,
+    /// Keys (and as many values) each of these layers holds at most during the run.
+    pub keys_per_layer: usize,
+    /// Bytes of those keys and values in all of these layers, in the compute dtype.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

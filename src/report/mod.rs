@@ -201,6 +201,7 @@ pub(crate) mod tests {
             tokens_per_second: 123.45,
             wall_seconds: tokens as f64 / 123.45,
             peak_rss_bytes: Some(600 << 20),
+            kv_cache: Vec::new(),
             threads: 8,
             versions: Versions {
                 streamppl: "0.1.0".to_string(),

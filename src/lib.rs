@@ -12,6 +12,7 @@ pub mod corpus;
 pub mod engine;
 pub mod eval;
 pub mod experiment;
+pub mod generate;
 pub mod latency;
 pub mod memory;
 pub mod model;

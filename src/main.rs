@@ -10,6 +10,8 @@ use streamppl::corpus::{gutenberg_mini_books, load_corpora, write_pg19_parquet};
 use streamppl::engine::EngineKind;
 use streamppl::eval::EvalOptions;
 use streamppl::experiment::Scale;
+use streamppl::generate::sampler::Sampling;
+use streamppl::generate::{GenerateJob, Prompts, generate};
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
 use streamppl::runner::{Compute, EvalJob, RunPolicy, run_eval, summary_line};
@@ -108,6 +110,49 @@ enum Command {
         /// Print only the number of tokens.
         #[arg(long)]
         count: bool,
+    },
+    /// Chat with a model under a cache strategy: every turn of every question is one
+    /// conversation over one cache (token engine), answers streamed to stdout; writes
+    /// OUT/<strategy>/{generation.parquet,generation.jsonl,run.json}.
+    Generate {
+        /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json),
+        /// or a hub id ORG/NAME[@REVISION] from the hub cache (HF_HUB_CACHE, HF_HOME, HF_HUB_OFFLINE).
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        /// dense | window:W | sink:S+W (recompute keeps no cache to generate from).
+        #[arg(long, default_value = "sink:4+2000")]
+        strategy: Strategy,
+        /// MT-Bench-style JSONL ({"question_id": .., "turns": [..]}) or plain text lines.
+        #[arg(long, required_unless_present = "interactive")]
+        prompts: Option<PathBuf>,
+        /// Read user turns from stdin, one per line, instead.
+        #[arg(long, conflicts_with_all = ["prompts", "repeat_prompts"])]
+        interactive: bool,
+        /// Ask the prompt file again and again until --total-tokens are generated.
+        #[arg(long, requires = "total_tokens")]
+        repeat_prompts: bool,
+        /// Stop after this many generated tokens in all.
+        #[arg(long)]
+        total_tokens: Option<u64>,
+        /// Most tokens of one answer.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample within the most likely tokens of this total probability (with --temperature).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler (a run with the same seed generates the same tokens).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "results/generate")]
+        out: PathBuf,
+        /// Do not print the conversation (the files are written all the same).
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        compute: ComputeArgs,
     },
     /// Print a model's architecture and tokenizer facts.
     Info {
@@ -578,6 +623,54 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "{} tokens: mean |dNLL| {:.3e}, max {:.3e} at position {}",
                 d.tokens, d.mean_abs, d.max_abs, d.max_at
+            );
+        }
+        Command::Generate {
+            model,
+            strategy,
+            prompts,
+            interactive,
+            repeat_prompts,
+            total_tokens,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            out,
+            quiet,
+            compute,
+        } => {
+            let prompts = match (prompts, interactive, repeat_prompts) {
+                (_, true, _) => Prompts::Interactive,
+                (Some(path), false, true) => Prompts::Repeat(path),
+                (Some(path), false, false) => Prompts::File(path),
+                (None, false, _) => anyhow::bail!("give --prompts FILE or --interactive"),
+            };
+            let job = GenerateJob {
+                model,
+                compute: compute.compute()?,
+                strategy,
+                prompts,
+                max_new_tokens,
+                sampling: Sampling::new(temperature, top_p, seed)?,
+                total_tokens,
+                out,
+                echo: !quiet,
+            };
+            let r = generate(&job)?;
+            eprintln!(
+                "{}: {} turns, {} tokens generated at {:.1} tok/s (median latency {:.1} ms), self-PPL {:.2}, peak RSS {} -> {}",
+                r.strategy,
+                r.turns,
+                r.tokens_generated,
+                r.tokens_per_second,
+                r.median_latency_s * 1e3,
+                r.self_ppl,
+                r.peak_rss_bytes.map_or("-".into(), |b| format!(
+                    "{:.0} MiB",
+                    b as f64 / (1 << 20) as f64
+                )),
+                job.run_dir().display()
             );
         }
         Command::Info {

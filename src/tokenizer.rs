@@ -379,6 +379,10 @@ impl TextTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
 }
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).

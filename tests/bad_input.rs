@@ -256,6 +256,22 @@ const CASES: &[(&str, &str)] = &[
         r"eval --model {tiny} --corpus {books} --strategy sink:3+4 --sink-text ab",
         "is 2 tokens; give one token",
     ),
+    (
+        "generate --model {tiny} --strategy recompute:64 --prompts {books} --out {dir}/gen",
+        "keeps no cache to generate from",
+    ),
+    (
+        "generate --model {tiny} --prompts {dir}/no-such-prompts.jsonl --out {dir}/gen",
+        "no-such-prompts.jsonl: cannot read the prompt file",
+    ),
+    (
+        "generate --model {tiny} --prompts {books} --temperature=-1 --out {dir}/gen",
+        "--temperature -1: give 0 (greedy) or a positive number",
+    ),
+    (
+        "generate --model {tiny} --prompts {books} --max-new-tokens 0 --out {dir}/gen",
+        "--max-new-tokens 0 answers nothing",
+    ),
     // 6. Other commands, and usage errors (one line too).
     ("table {dir}/no-such-run", "no-such-run"),
     ("compare {run} {dir}/no-such-run", "no-such-run"),

@@ -93,6 +93,16 @@ impl<'m> TokenEngine<'m> {
         }
     }
 
+    /// Tokens fed so far.
+    pub fn fed(&self) -> u64 {
+        self.fed
+    }
+
+    /// Keys the cache holds now.
+    pub fn cached(&self) -> usize {
+        self.slot_token.len()
+    }
+
     /// Feeds one token; returns its final hidden state (1, hidden).
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
         let t = self.fed;

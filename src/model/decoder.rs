@@ -440,6 +440,19 @@ impl Model {
         ))
     }
 
+    /// Log-probabilities of every token after the last row of `hidden` (T, hidden), from the
+    /// log-softmax in f32 (what a generator picks the next token from).
+    pub fn log_probs(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
+        let logits = (self.lm_head.forward(&last)?)
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+        Ok(logits.iter().map(|l| l - log_sum).collect())
+    }
+
     /// NLL of each `targets[i]` given hidden state row i (T, hidden), from the full-vocabulary
     /// log-softmax in f32. Rows are processed in tiles so the logits never exceed a tile.
     pub fn nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f32>> {

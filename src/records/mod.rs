@@ -12,7 +12,8 @@
 //! - `experiment.json`: [`experiment::ExperimentRecord`], with Figure 10's [`latency::LatencyPoint`]s;
 //! - `sweep.json`: [`sweep::SweepRecord`];
 //! - `memory.csv`: [`memory::MemorySample`]s;
-//! - `results/bench/NAME.json`: [`bench::BenchReport`].
+//! - `results/bench/NAME.json`: [`bench::BenchReport`];
+//! - a generation's `run.json`, `generation.jsonl` and `generation.parquet`: [`generation`].
 //!
 //! Floats that can be undefined (the standard error of one token) or infinite (a PPL over a
 //! token of probability 0) round-trip through [`float`]: JSON has no NaN or infinity.
@@ -20,6 +21,7 @@
 pub mod bench;
 pub mod experiment;
 pub mod float;
+pub mod generation;
 pub mod latency;
 pub mod memory;
 pub mod run;

@@ -1,0 +1,413 @@
+//! `streamppl generate`: the StreamingLLM chat demo. Every turn of every question is one
+//! conversation over ONE cache on the token engine: each user turn is rendered with the model's
+//! chat template, fed, and answered token by token until the end-of-turn token or
+//! `--max-new-tokens`, the answer streaming to stdout. Every generated token is logged like a
+//! scored one (see [`crate::records::generation`]).
+//!
+//! ```no_run
+//! use streamppl::generate::{GenerateJob, Prompts, generate};
+//! use streamppl::generate::sampler::Sampling;
+//! let job = GenerateJob {
+//!     model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+//!     compute: streamppl::runner::Compute::cpu(),
+//!     strategy: "sink:4+2000".parse().unwrap(),
+//!     prompts: Prompts::File("question.jsonl".into()),
+//!     max_new_tokens: 256,
+//!     sampling: Sampling::GREEDY,
+//!     total_tokens: None,
+//!     out: "results/generate".into(),
+//!     echo: true,
+//! };
+//! let record = generate(&job).unwrap();
+//! println!("{} tokens at {:.1} tok/s", record.tokens_generated, record.tokens_per_second);
+//! ```
+
+pub mod chat;
+pub mod prompts;
+pub mod sampler;
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Tensor;
+
+use crate::engine::token::TokenEngine;
+use crate::memory::current_rss_mib;
+use crate::records::generation::{
+    GENERATION_SCHEMA, GeneratedToken, GenerationLog, GenerationRecord, TurnRecord, repeated_4grams,
+};
+use crate::records::write_json;
+use crate::runner::{Compute, LoadedModel, load_model, now_rfc3339, peak_rss_bytes, versions};
+use crate::source::{HubSettings, resolve_model};
+use crate::strategy::Strategy;
+use chat::{ChatFormat, Message};
+use prompts::{Question, read_prompts};
+use sampler::{Sampler, Sampling};
+
+/// Where the user turns come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompts {
+    /// A prompt file (see [`prompts`]), asked once.
+    File(PathBuf),
+    /// A prompt file asked again and again until `total_tokens` are generated.
+    Repeat(PathBuf),
+    /// Lines of stdin, one user turn each, until end of input.
+    Interactive,
+}
+
+/// One `streamppl generate` run.
+pub struct GenerateJob {
+    pub model: PathBuf,
+    pub compute: Compute,
+    pub strategy: Strategy,
+    pub prompts: Prompts,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Stop once this many tokens are generated (mid-answer if need be).
+    pub total_tokens: Option<u64>,
+    /// The run folder is OUT/<strategy>.
+    pub out: PathBuf,
+    /// Print the conversation to stdout as it is generated.
+    pub echo: bool,
+}
+
+impl GenerateJob {
+    /// The run folder: OUT/<strategy>, e.g. `results/generate/sink:4+2000`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.out.join(self.strategy.to_string().replace('/', "_"))
+    }
+}
+
+/// Runs the conversation; writes `generation.parquet`, `generation.jsonl` and `run.json` into
+/// the run folder (the first two after every turn, so an interrupted run keeps its turns).
+pub fn generate(job: &GenerateJob) -> Result<GenerationRecord> {
+    if matches!(job.strategy, Strategy::Recompute { .. }) {
+        bail!(
+            "{}: re-computation rebuilds a window per token and keeps no cache to generate from; give dense, window:W or sink:S+W",
+            job.strategy
+        );
+    }
+    if job.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0 answers nothing; give a positive number");
+    }
+    if matches!(job.prompts, Prompts::Repeat(_)) && job.total_tokens.is_none() {
+        bail!("--repeat-prompts needs --total-tokens N, or it never ends");
+    }
+    // The prompts first: a broken prompt file fails before a model is loaded.
+    let mut turns = TurnSource::new(&job.prompts)?;
+    let resolved = resolve_model(&job.model.to_string_lossy(), &HubSettings::from_env())?;
+    let lm = load_model(&job.model, &job.compute)?;
+    let chat = ChatFormat::for_model(&resolved, &lm.tokenizer)?;
+    let dir = job.run_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let mut conversation = Conversation::new(&lm, &chat, job)?;
+    let started = Instant::now();
+    let mut jsonl = std::fs::File::create(dir.join("generation.jsonl"))
+        .with_context(|| format!("{}: cannot create generation.jsonl", dir.display()))?;
+    while let Some((question_id, question_turn, prompt)) = turns.next_turn()? {
+        if conversation.done() {
+            break;
+        }
+        let turn = conversation.answer(&question_id, question_turn, &prompt)?;
+        writeln!(jsonl, "{}", serde_json::to_string(&turn)?)?;
+        jsonl.flush()?;
+        conversation
+            .log
+            .write_parquet(&dir.join("generation.parquet"))?;
+    }
+    let record = conversation.record(job, started.elapsed(), turns.origin());
+    write_json(&record, &dir.join("run.json"))?;
+    Ok(record)
+}
+
+/// The user turns in order: (question id, which of its turns, text).
+struct TurnSource {
+    questions: Vec<Question>,
+    repeat: bool,
+    /// (question, turn) of the next turn.
+    next: (usize, usize),
+    stdin: bool,
+    origin: String,
+}
+
+impl TurnSource {
+    fn new(prompts: &Prompts) -> Result<Self> {
+        let (questions, repeat, stdin, origin) = match prompts {
+            Prompts::File(path) => (
+                read_prompts(path)?,
+                false,
+                false,
+                path.display().to_string(),
+            ),
+            Prompts::Repeat(path) => (read_prompts(path)?, true, false, path.display().to_string()),
+            Prompts::Interactive => (Vec::new(), false, true, "stdin".to_string()),
+        };
+        Ok(TurnSource {
+            questions,
+            repeat,
+            next: (0, 0),
+            stdin,
+            origin,
+        })
+    }
+
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+
+    fn next_turn(&mut self) -> Result<Option<(String, u32, String)>> {
+        if self.stdin {
+            return read_stdin_turn(self.next.1);
+        }
+        let (q, t) = self.next;
+        let Some(question) = self.questions.get(q) else {
+            return Ok(None);
+        };
+        let turn = (question.id.clone(), t as u32, question.turns[t].clone());
+        self.next = match (t + 1 < question.turns.len(), q + 1 < self.questions.len()) {
+            (true, _) => (q, t + 1),
+            (false, true) => (q + 1, 0),
+            (false, false) if self.repeat => (0, 0),
+            (false, false) => (q + 1, 0),
+        };
+        Ok(Some(turn))
+    }
+}
+
+/// The next non-empty line of stdin, or `None` at end of input.
+fn read_stdin_turn(asked: usize) -> Result<Option<(String, u32, String)>> {
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if !line.trim().is_empty() {
+            return Ok(Some(("stdin".into(), asked as u32, line.to_string())));
+        }
+    }
+}
+
+/// One conversation on one cache.
+struct Conversation<'m> {
+    lm: &'m LoadedModel,
+    chat: &'m ChatFormat,
+    engine: TokenEngine<'m>,
+    sampler: Sampler,
+    messages: Vec<Message>,
+    /// The text fed so far, to feed only what a new rendering adds.
+    fed_text: String,
+    /// The last fed token's hidden state, and how long its forward pass took.
+    last: Option<(Tensor, Duration)>,
+    log: GenerationLog,
+    turns: u32,
+    max_new_tokens: usize,
+    total_tokens: Option<u64>,
+    echo: bool,
+    warned_prefix: bool,
+}
+
+impl<'m> Conversation<'m> {
+    fn new(lm: &'m LoadedModel, chat: &'m ChatFormat, job: &GenerateJob) -> Result<Self> {
+        Ok(Conversation {
+            lm,
+            chat,
+            engine: TokenEngine::new(&lm.model, job.strategy, true)?,
+            sampler: Sampler::new(job.sampling),
+            messages: Vec::new(),
+            fed_text: String::new(),
+            last: None,
+            log: GenerationLog::default(),
+            turns: 0,
+            max_new_tokens: job.max_new_tokens,
+            total_tokens: job.total_tokens,
+            echo: job.echo,
+            warned_prefix: false,
+        })
+    }
+
+    fn generated(&self) -> u64 {
+        self.log.tokens.len() as u64
+    }
+
+    fn done(&self) -> bool {
+        self.total_tokens.is_some_and(|n| self.generated() >= n)
+    }
+
+    /// Feeds one user turn and generates its answer.
+    fn answer(
+        &mut self,
+        question_id: &str,
+        question_turn: u32,
+        prompt: &str,
+    ) -> Result<TurnRecord> {
+        let started = Instant::now();
+        self.messages.push(Message {
+            role: "user",
+            content: prompt.to_string(),
+        });
+        let prompt_tokens = self.feed_new_text()?;
+        if self.echo {
+            print!("USER: {prompt}\n\nASSISTANT: ");
+            std::io::stdout().flush()?;
+        }
+        let (ids, stop) = self.generate_answer()?;
+        let answer_ids: Vec<u32> = (ids.iter().copied())
+            .filter(|id| !self.chat.stop_tokens.contains(id))
+            .collect();
+        let answer = self.lm.tokenizer.decode(&answer_ids)?;
+        if self.echo {
+            println!("\n");
+        }
+        // What was fed: the rendered prompt, then the answer (an end-of-turn token is fed with
+        // the next turn's text, where the template writes it).
+        self.fed_text += &answer;
+        self.messages.push(Message {
+            role: "assistant",
+            content: answer.clone(),
+        });
+        let record = TurnRecord {
+            turn: self.turns,
+            question_id: question_id.to_string(),
+            question_turn,
+            prompt: prompt.to_string(),
+            answer,
+            prompt_tokens,
+            answer_tokens: ids.len() as u64,
+            stop: stop.into(),
+            repeated_4grams: repeated_4grams(&answer_ids),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.turns += 1;
+        Ok(record)
+    }
+
+    /// Feeds what the rendered conversation adds to the text fed so far; returns its tokens.
+    fn feed_new_text(&mut self) -> Result<u64> {
+        let rendered = self.chat.render(&self.messages)?;
+        let new_text = match rendered.strip_prefix(self.fed_text.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => {
+                if !self.warned_prefix {
+                    self.warned_prefix = true;
+                    eprintln!(
+                        "warning: the chat template does not extend the conversation's text (it rewrites earlier turns); each turn is fed rendered on its own"
+                    );
+                }
+                self.chat
+                    .render(&self.messages[self.messages.len() - 1..])?
+            }
+        };
+        let mut ids = self.chat.encode(&self.lm.tokenizer, &new_text)?;
+        if self.engine.fed() == 0
+            && let Some(bos) = self.lm.tokenizer.bos()
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        for &id in &ids {
+            self.feed(id)?;
+        }
+        self.fed_text = match rendered.starts_with(self.fed_text.as_str()) {
+            true => rendered,
+            false => self.fed_text.clone() + &new_text,
+        };
+        Ok(ids.len() as u64)
+    }
+
+    fn feed(&mut self, id: u32) -> Result<()> {
+        let t = Instant::now();
+        let hidden = self.engine.step(id)?;
+        self.last = Some((hidden, t.elapsed()));
+        Ok(())
+    }
+
+    /// Generates until an end-of-turn token, `max_new_tokens` or `total_tokens`; returns the
+    /// generated ids (the end-of-turn token included, not fed) and why it stopped.
+    fn generate_answer(&mut self) -> Result<(Vec<u32>, &'static str)> {
+        let mut ids = Vec::new();
+        let mut printed = 0;
+        loop {
+            if ids.len() >= self.max_new_tokens {
+                return Ok((ids, "max_new_tokens"));
+            }
+            if self.done() {
+                return Ok((ids, "total_tokens"));
+            }
+            let (hidden, forward) = self.last.take().context("nothing fed to answer")?;
+            let t = Instant::now();
+            let log_probs = self.lm.model.log_probs(&hidden)?;
+            let id = self.sampler.pick(&log_probs);
+            self.log.tokens.push(GeneratedToken {
+                turn: self.turns,
+                position: self.engine.fed(),
+                token_id: id,
+                nll: -log_probs[id as usize],
+                cache_keys: self.engine.cached() as u32,
+                latency_s: (forward + t.elapsed()).as_secs_f32(),
+                rss_mib: current_rss_mib().unwrap_or(f64::NAN) as f32,
+            });
+            ids.push(id);
+            if self.chat.stop_tokens.contains(&id) {
+                // Not fed now; `last` stays for the next turn's first token.
+                self.last = Some((hidden, forward));
+                return Ok((ids, "end_of_turn"));
+            }
+            if self.echo {
+                printed = self.print_new_text(&ids, printed)?;
+            }
+            self.feed(id)?;
+        }
+    }
+
+    /// Prints the answer's text past the first `printed` bytes, unless it ends inside a
+    /// character (a byte-fallback token); returns the bytes printed so far.
+    fn print_new_text(&self, ids: &[u32], printed: usize) -> Result<usize> {
+        let text = self.lm.tokenizer.decode(ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= printed || !text.is_char_boundary(printed) {
+            return Ok(printed);
+        }
+        print!("{}", &text[printed..]);
+        std::io::stdout().flush()?;
+        Ok(text.len())
+    }
+
+    fn record(&self, job: &GenerateJob, wall: Duration, prompts: String) -> GenerationRecord {
+        let mut latencies: Vec<f64> = (self.log.tokens.iter())
+            .map(|t| t.latency_s as f64)
+            .collect();
+        let busy: f64 = latencies.iter().sum();
+        latencies.sort_by(f64::total_cmp);
+        let n = self.log.tokens.len();
+        let sum_nll: f64 = self.log.tokens.iter().map(|t| t.nll as f64).sum();
+        GenerationRecord {
+            schema: GENERATION_SCHEMA,
+            kind: "generation".into(),
+            strategy: job.strategy.to_string(),
+            label: job.strategy.label(),
+            model: self.lm.info.clone(),
+            prompts,
+            chat_template: self.chat.has_template(),
+            stop_tokens: self.chat.stop_tokens.clone(),
+            temperature: job.sampling.temperature,
+            top_p: job.sampling.top_p,
+            seed: job.sampling.seed,
+            max_new_tokens: job.max_new_tokens,
+            turns: self.turns,
+            tokens_generated: n as u64,
+            tokens_fed: self.engine.fed(),
+            tokens_per_second: n as f64 / busy,
+            median_latency_s: latencies.get(n / 2).copied().unwrap_or(f64::NAN),
+            self_ppl: (sum_nll / n.max(1) as f64).exp(),
+            wall_seconds: wall.as_secs_f64(),
+            peak_rss_bytes: peak_rss_bytes(),
+            threads: candle_core::utils::get_num_threads(),
+            versions: versions(),
+            finished_at: now_rfc3339(),
+        }
+    }
+}

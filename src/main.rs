@@ -12,6 +12,7 @@ use streamppl::eval::EvalOptions;
 use streamppl::experiment::Scale;
 use streamppl::generate::sampler::Sampling;
 use streamppl::generate::{GenerateJob, Prompts, generate};
+use streamppl::records::generation::{GenerationLog, GenerationRecord};
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
 use streamppl::runner::{Compute, EvalJob, RunPolicy, run_eval, summary_line};
@@ -153,6 +154,16 @@ enum Command {
         quiet: bool,
         #[command(flatten)]
         compute: ComputeArgs,
+    },
+    /// Plot generations side by side: per-token latency, resident memory and running self-NLL
+    /// against tokens generated (RUN: a `generate` run folder, e.g. results/generate/sink:4+2000).
+    PlotGeneration {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        #[arg(short, long, default_value = "generation.png")]
+        out: PathBuf,
+        #[arg(long, default_value = "Streaming generation")]
+        title: String,
     },
     /// Print a model's architecture and tokenizer facts.
     Info {
@@ -672,6 +683,18 @@ fn run(cli: Cli) -> Result<()> {
                 )),
                 job.run_dir().display()
             );
+        }
+        Command::PlotGeneration { runs, out, title } => {
+            let runs = runs
+                .iter()
+                .map(|dir| {
+                    let record = GenerationRecord::read_json(&dir.join("run.json"))?;
+                    let log = GenerationLog::read_parquet(&dir.join("generation.parquet"))?;
+                    Ok((record.label, log))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            streamppl::report::plot_generation(&runs, &out, &title)?;
+            eprintln!("wrote {} and its .svg", out.display());
         }
         Command::Info {
             model,

@@ -11,6 +11,7 @@
 mod compare;
 mod experiment;
 mod figures;
+mod generation;
 mod plot;
 mod sweep;
 mod table;
@@ -25,6 +26,7 @@ use crate::run_dir::check_log;
 pub use compare::{NllDiff, compare_logs, compare_runs};
 pub use experiment::{PPL_WINDOW, render_experiment, write_reproduction};
 pub use figures::{HeatmapCell, plot_heatmap, plot_latency, plot_long_stream};
+pub use generation::plot_generation;
 pub use plot::plot_running_ppl;
 pub use sweep::render_sweep;
 pub use table::markdown_table;

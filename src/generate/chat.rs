@@ -153,7 +153,8 @@ fn plain(messages: &[Message], add_generation_prompt: bool) -> String {
     for m in messages {
         match m.role {
             "user" => text += &format!("User: {}\n\n", m.content),
-            _ => text += &format!("Assistant: {}\n\n", m.content),
+            // The answer as generated after the prompt's `Assistant:` (its own leading space).
+            _ => text += &format!("Assistant:{}\n\n", m.content),
         }
     }
     if add_generation_prompt {

@@ -201,6 +201,9 @@ struct Conversation<'m> {
     messages: Vec<Message>,
     /// The text fed so far, to feed only what a new rendering adds.
     fed_text: String,
+    /// Where the last answer starts in `fed_text`: a template may re-write an answer (trim
+    /// it), never what came before.
+    answer_start: usize,
     /// The last fed token's hidden state, and how long its forward pass took.
     last: Option<(Tensor, Duration)>,
     log: GenerationLog,
@@ -220,6 +223,7 @@ impl<'m> Conversation<'m> {
             sampler: Sampler::new(job.sampling),
             messages: Vec::new(),
             fed_text: String::new(),
+            answer_start: 0,
             last: None,
             log: GenerationLog::default(),
             turns: 0,
@@ -265,6 +269,7 @@ impl<'m> Conversation<'m> {
         }
         // What was fed: the rendered prompt, then the answer (an end-of-turn token is fed with
         // the next turn's text, where the template writes it).
+        self.answer_start = self.fed_text.len();
         self.fed_text += &answer;
         self.messages.push(Message {
             role: "assistant",
@@ -289,9 +294,13 @@ impl<'m> Conversation<'m> {
     /// Feeds what the rendered conversation adds to the text fed so far; returns its tokens.
     fn feed_new_text(&mut self) -> Result<u64> {
         let rendered = self.chat.render(&self.messages)?;
-        let new_text = match rendered.strip_prefix(self.fed_text.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => {
+        let common = common_prefix_len(&rendered, &self.fed_text);
+        let extends = common >= self.answer_start;
+        let new_text = match extends {
+            // What follows the text the rendering shares with what was fed: the new turn, after
+            // the end of the answer as the template writes it.
+            true => rendered[common..].to_string(),
+            false => {
                 if !self.warned_prefix {
                     self.warned_prefix = true;
                     eprintln!(
@@ -312,7 +321,7 @@ impl<'m> Conversation<'m> {
         for &id in &ids {
             self.feed(id)?;
         }
-        self.fed_text = match rendered.starts_with(self.fed_text.as_str()) {
+        self.fed_text = match extends {
             true => rendered,
             false => self.fed_text.clone() + &new_text,
         };
@@ -409,5 +418,25 @@ impl<'m> Conversation<'m> {
             versions: versions(),
             finished_at: now_rfc3339(),
         }
+    }
+}
+
+/// Bytes of the longest common prefix of `a` and `b` (a character boundary of both).
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    (a.char_indices().zip(b.chars()))
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((at, _), _)| at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefixes_end_on_a_character() {
+        assert_eq!(common_prefix_len("abc", "abd"), 2);
+        assert_eq!(common_prefix_len("ab", "abc"), 2);
+        assert_eq!(common_prefix_len("abc", ""), 0);
+        assert_eq!(common_prefix_len("aé", "aè"), 1);
     }
 }

@@ -46,6 +46,18 @@ fn schema() -> Arc<Schema> {
     ]))
 }
 
+/// Writes `batch` as a parquet file atomically (a temporary file, then a rename), so a crash
+/// never leaves half a file; every per-token log goes through it.
+pub(crate) fn write_parquet_atomically(batch: &RecordBatch, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("parquet.tmp");
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
+    writer.write(batch)?;
+    writer.close()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
 impl NllLog {
     pub fn push(&mut self, r: NllRecord) {
         self.records.push(r);
@@ -115,13 +127,7 @@ impl NllLog {
                 )),
             ],
         )?;
-        let tmp = path.with_extension("parquet.tmp");
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut writer = ArrowWriter::try_new(file, schema(), None)?;
-        writer.write(&batch)?;
-        writer.close()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-        Ok(())
+        write_parquet_atomically(&batch, path)
     }
 
     /// Rows of an NLL log file, from its footer (cheap: reads no data).

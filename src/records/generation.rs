@@ -9,12 +9,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use arrow::array::{Array, Float32Array, RecordBatch, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::float;
 use super::run::{ModelInfo, Versions};
+use crate::nll_log::write_parquet_atomically;
 
 /// One generated token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,13 +79,7 @@ impl GenerationLog {
                 f32s(|t| t.rss_mib),
             ],
         )?;
-        let tmp = path.with_extension("parquet.tmp");
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut writer = ArrowWriter::try_new(file, schema(), None)?;
-        writer.write(&batch)?;
-        writer.close()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-        Ok(())
+        write_parquet_atomically(&batch, path)
     }
 
     pub fn read_parquet(path: &Path) -> Result<Self> {

@@ -22,12 +22,12 @@ use crate::records::latency::LatencyPoint;
 use crate::records::memory::MemorySample;
 
 /// Right-hand column for a legend, so it never hides a curve.
-const LEGEND_WIDTH: u32 = 300;
+pub(super) const LEGEND_WIDTH: u32 = 300;
 const TITLE_SIZE: u32 = 26;
 /// Room for the axis description and tick labels left of and below every chart, the same in
 /// every panel so that stacked panels share their x positions.
 const Y_LABEL_AREA: u32 = 80;
-const X_LABEL_AREA: u32 = 56;
+pub(super) const X_LABEL_AREA: u32 = 56;
 const MARGIN: u32 = 16;
 
 /// One cell of a sink x window sweep.
@@ -589,7 +589,7 @@ impl Panel {
 }
 
 /// A chart with the report's margins and label room, so that panels line up.
-fn chart_builder<'a, 'b, DB: DrawingBackend>(
+pub(super) fn chart_builder<'a, 'b, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
     x_label_area: u32,
 ) -> ChartBuilder<'a, 'b, DB> {

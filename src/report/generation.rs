@@ -8,16 +8,12 @@ use anyhow::{Result, bail};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use super::figures::{LEGEND_WIDTH, X_LABEL_AREA, chart_builder};
 use super::plot::{
     LegendEntry, MAX_POINTS, PALETTE, Render, check_png, downsample, draw_legend, fmt_tokens,
     fmt_value, house_style, log_ticks, write_png_and_svg, x_max, y_range,
 };
 use crate::records::generation::GenerationLog;
-
-const LEGEND_WIDTH: u32 = 300;
-const Y_LABEL_AREA: u32 = 80;
-const X_LABEL_AREA: u32 = 56;
-const MARGIN: u32 = 16;
 
 /// One run's curves, each (tokens generated, value), downsampled.
 struct Curves {
@@ -113,14 +109,10 @@ impl GenerationFigure<'_> {
                 .iter()
                 .flat_map(|c| c.latency_ms.iter().map(|p| p.1)),
         );
-        let mut chart = ChartBuilder::on(area)
-            .margin(MARGIN)
-            .x_label_area_size(X_LABEL_AREA / 2)
-            .y_label_area_size(Y_LABEL_AREA)
-            .build_cartesian_2d(
-                0.0..self.x_max,
-                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-            )?;
+        let mut chart = chart_builder(area, X_LABEL_AREA / 2).build_cartesian_2d(
+            0.0..self.x_max,
+            (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+        )?;
         house_style(&mut chart.configure_mesh())
             .y_desc("latency per token (ms, log)")
             .x_label_formatter(&|x| fmt_tokens(*x))
@@ -155,18 +147,14 @@ impl GenerationFigure<'_> {
         };
         let pad = ((hi - lo) * 0.08).max(1e-3);
         let bottom = !from_zero;
-        let mut chart = ChartBuilder::on(area)
-            .margin(MARGIN)
-            .x_label_area_size(if bottom {
-                X_LABEL_AREA
-            } else {
-                X_LABEL_AREA / 2
-            })
-            .y_label_area_size(Y_LABEL_AREA)
-            .build_cartesian_2d(
-                0.0..self.x_max,
-                (lo - if from_zero { 0.0 } else { pad })..hi + pad,
-            )?;
+        let x_label_area = if bottom {
+            X_LABEL_AREA
+        } else {
+            X_LABEL_AREA / 2
+        };
+        let y_lo = if from_zero { 0.0 } else { lo - pad };
+        let mut chart = chart_builder(area, x_label_area)
+            .build_cartesian_2d(0.0..self.x_max, y_lo..hi + pad)?;
         let mut mesh = chart.configure_mesh();
         house_style(&mut mesh)
             .y_desc(y_desc)

@@ -95,14 +95,15 @@ wait_gone() {
     done
     echo "FAILED: job $1 still queued after 10 minutes" >&2; exit 1
 }
-# Waits until array task $1 has been requeued and has then finished: its record says
-# Restarts=1 (or more) and a final state. Asking for the task itself, not whether the queue
-# looks empty, is what keeps a requeued task that is not yet back in the queue from passing.
+# Waits until array task $1 has been requeued and its second run has ended: its record says
+# Restarts=1 (or more) and a state that only a run can end in. CANCELLED is not one: while
+# the first run is being killed for the requeue, a loaded slurmctld can already show
+# Restarts=1 with the cancelled run's state (seen in CI), before the task is back in the queue.
 wait_rerun_done() {
     local info
     for _ in $(seq 600); do
         info=$(scontrol -o show job "$1" 2>/dev/null || true)
-        if [[ "$info" =~ Restarts=[1-9] && "$info" =~ JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL) ]]; then
+        if [[ "$info" =~ Restarts=[1-9] && "$info" =~ JobState=(COMPLETED|FAILED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL) ]]; then
             return 0
         fi
         sleep 1
@@ -150,7 +151,9 @@ scontrol requeue "${job}_0"
 for _ in $(seq 100); do [[ "$(squeue -h -j "${job}_0" -o %t)" == PD ]] && break; sleep 0.2; done
 scontrol update JobId="${job}_0" StartTime=now
 wait_rerun_done "${job}_0"
-grep -q "resum" slurm-streamppl-shard-"${job}"_0.out || { echo "FAILED: the requeued shard did not resume" >&2; cat slurm-streamppl-shard-"${job}"_0.out >&2; exit 1; }
+grep -q "resum" slurm-streamppl-shard-"${job}"_0.out || {
+    echo "FAILED: the requeued shard did not resume" >&2
+    cat slurm-streamppl-shard-"${job}"_0.out >&2; scontrol -o show job "${job}_0" >&2; exit 1; }
 cell=$(basename "$(dirname "$(ls "$WORK"/long-single/*/run.json)")")
 line=$("$BIN" compare "$WORK/long/$cell" "$WORK/long-single/$cell")
 [[ "$line" == *"max 0.000e0"* ]] || { echo "FAILED: requeued shard: $line" >&2; exit 1; }

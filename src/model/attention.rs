@@ -6,6 +6,7 @@
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
+use super::kernels::{self, FEW_ROWS, FewQueries};
 use super::ops;
 use super::rope::Rope;
 
@@ -307,7 +308,6 @@ impl Attention {
             table => table.cloned(),
         };
         let k_pos = &at.k_pos[first_key..];
-        let k = rotate(k, k_table.as_ref())?;
         let q_main = rotate(q, tables.map(|r| &r.q))?; // (nh, T, hd)
         // The sink keys the layer stores, the queries' sink positions, and the queries placed
         // there.
@@ -321,6 +321,26 @@ impl Attention {
         };
         let mask = at.mask((window, first_key));
         let sink_queries = q_sink.as_ref().map(|(n, _, q)| (*n, q));
+        let few_cpu_queries = q.device().is_cpu() && q.dtype() == DType::F32 && t <= FEW_ROWS;
+        match (&self.positions, mask) {
+            (PositionScheme::Alibi { .. }, _) | (_, KeyMask::Rule { .. }) => {}
+            (_, KeyMask::All | KeyMask::Dense(_)) if few_cpu_queries => {
+                return kernels::few_query_attention(&FewQueries {
+                    q: &q_main,
+                    q_sink: sink_queries,
+                    k,
+                    k_rope: (rope.zip(k_table.as_ref()))
+                        .map(|(rope, (cos, sin))| (cos, sin, rope.layout)),
+                    v,
+                    mask: match mask {
+                        KeyMask::Dense(m) => Some(m),
+                        _ => None,
+                    },
+                });
+            }
+            _ => {}
+        }
+        let k = rotate(k, k_table.as_ref())?;
         if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask, rope.is_some())? {
             return Ok(out);
         }

@@ -4,10 +4,11 @@
 //! the engines see only [`Model`].
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
 
 use super::attention::{Attention, AttnPlan, Visibility};
 use super::kv_cache::KvCache;
+use super::linear::Linear;
 use super::ops;
 
 /// The shapes engines, caches and records need, whatever the family.

@@ -360,6 +360,266 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     })
 }
 
+/// Rows of `x` at most this many go through [`few_rows_times_transposed`]: its weight rows are
+/// read once for all of them, so it stays memory-bound (and ahead of gemm) while they fit in L1.
+pub const FEW_ROWS: usize = 8;
+
+/// `x (t, k) . w (n, k)^T + bias (n)` for few rows `t` (the token engine's one-token steps):
+/// output columns split over rayon's pool, each weight row read once and dotted with every
+/// row of `x`. candle's gemm runs `t = 1` as a single-threaded gemv, which leaves half of a
+/// 2-core machine's memory bandwidth (the floor of a one-token step) unused.
+pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, wk) = w.dims2()?;
+    if wk != k {
+        candle_core::bail!("x is ({t}, {k}) but the weight is ({n}, {wk})")
+    }
+    // Enough weight rows per rayon task (about 256 KiB of them) to amortize the scheduling.
+    let cols_per_task = (65_536 / k.max(1)).max(1);
+    let mut out_t = vec![0f32; n * t]; // (n, t): each task writes whole rows
+    let inputs: Vec<&Tensor> = [x, w].into_iter().chain(bias).collect();
+    with_slices(&inputs, |ins| {
+        let (x, w, bias) = (ins[0], ins[1], ins.get(2));
+        out_t
+            .par_chunks_mut(t * cols_per_task)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                let first = task * cols_per_task;
+                let cols = dst.len() / t;
+                dot_rows(dst, &w[first * k..(first + cols) * k], x, k);
+                if let Some(b) = bias {
+                    for (col, d) in dst.chunks_mut(t).enumerate() {
+                        d.iter_mut().for_each(|v| *v += b[first + col]);
+                    }
+                }
+            });
+    })?;
+    let out = Tensor::from_vec(out_t, (n, t), &Device::Cpu)?;
+    if t == 1 {
+        out.reshape((1, n))
+    } else {
+        out.t()?.contiguous()
+    }
+}
+
+simd_dispatch!(fn dot_rows(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) = dot_rows_generic);
+
+/// `dst[c * t + r] = w row c . x row r` for the weight rows in `w` and the `t` rows of `x`.
+#[inline(always)]
+fn dot_rows_generic(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) {
+    let t = x.len() / k;
+    for (w_row, d) in w.chunks_exact(k).zip(dst.chunks_exact_mut(t)) {
+        for (x_row, v) in x.chunks_exact(k).zip(d) {
+            *v = lane_dot(w_row, x_row);
+        }
+    }
+}
+
+/// Dot product with sixteen independent lanes (vectorizes like [`lane_sum`]).
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(xa).zip(xb) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One layer's attention for a few queries, as [`few_query_attention`] takes it.
+pub struct FewQueries<'a> {
+    /// (nh, T, hd): the queries, placed and pre-scaled.
+    pub q: &'a Tensor,
+    /// The first `n` keys are scored by these queries (nh, T, hd) instead: the sinks, seen
+    /// from the queries' sink positions.
+    pub q_sink: Option<(usize, &'a Tensor)>,
+    /// (nkv, n_keys, hd), before positions.
+    pub k: &'a Tensor,
+    /// The (n_keys, rotary_dim / 2) cos and sin tables that place the keys, if the model
+    /// rotates them.
+    pub k_rope: Option<(&'a Tensor, &'a Tensor, PairLayout)>,
+    /// (nkv, n_keys, hd)
+    pub v: &'a Tensor,
+    /// (T, n_keys), additive: -inf where a query does not see a key. Every query must see one.
+    pub mask: Option<&'a Tensor>,
+}
+
+/// Keys per rayon task of [`few_query_attention`].
+const KEYS_PER_TASK: usize = 256;
+
+/// Attention of a few queries (the token engine's one) in one pass over the cache, split
+/// over (KV head, block of keys) and combined by their softmax maxima (flash-decoding): the
+/// keys are rotated as they are read, and neither rotated keys nor scores are stored. With
+/// candle's ops a one-token step rotated the whole cache into a new tensor, then ran two
+/// small matmuls and a softmax: 9 ms of a 33 ms step at 1024 keys (SmolLM2, 2 threads).
+/// Returns (T, nh * hd).
+pub fn few_query_attention(a: &FewQueries<'_>) -> Result<Tensor> {
+    let (nh, t, hd) = a.q.dims3()?;
+    let (nkv, n_keys, _) = a.k.dims3()?;
+    let n_sink = a.q_sink.map_or(0, |(n, _)| n);
+    let mut inputs = vec![a.q, a.k, a.v, a.q_sink.map_or(a.q, |(_, q)| q)];
+    if let Some((cos, sin, _)) = a.k_rope {
+        inputs.extend([cos, sin]);
+    }
+    inputs.extend(a.mask);
+    let blocks = n_keys.div_ceil(KEYS_PER_TASK);
+    let partials: Vec<Partial> = with_slices(&inputs, |s| {
+        let rope = a.k_rope.map(|(cos, _, layout)| {
+            let half = cos.dims2().map_or(0, |(_, h)| h);
+            (s[4], s[5], half, layout)
+        });
+        let mask = a.mask.map(|_| s[s.len() - 1]);
+        let group_len = nh / nkv * t * hd; // the query rows of one KV head
+        (0..nkv * blocks)
+            .into_par_iter()
+            .map(|task| {
+                let (g, first) = (task / blocks, task % blocks * KEYS_PER_TASK);
+                let keys = first..(first + KEYS_PER_TASK).min(n_keys);
+                let kv = g * n_keys * hd..(g + 1) * n_keys * hd;
+                let queries = g * group_len..(g + 1) * group_len;
+                attend_block(&KeyBlock {
+                    q: &s[0][queries.clone()],
+                    q_sink: &s[3][queries],
+                    n_sink,
+                    k: &s[1][kv.clone()],
+                    v: &s[2][kv],
+                    rope,
+                    mask,
+                    n_keys,
+                    t,
+                    hd,
+                    keys,
+                })
+            })
+            .collect()
+    })?;
+    let mut out = vec![0f32; t * nh * hd];
+    for (g, blocks) in partials.chunks(blocks).enumerate() {
+        for (r, row) in blocks[0].acc.chunks(hd).enumerate() {
+            // Row r of KV head g is query r % t of head g * group + r / t.
+            let (head, query) = (g * (nh / nkv) + r / t, r % t);
+            let dst = &mut out[(query * nh + head) * hd..][..hd];
+            combine_row(dst, blocks, r, row.len());
+        }
+    }
+    Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)
+}
+
+/// One block of keys of one KV head, and the queries of its heads.
+struct KeyBlock<'a> {
+    /// (group heads x T, hd), row r: query r % t of the group's head r / t
+    q: &'a [f32],
+    q_sink: &'a [f32],
+    n_sink: usize,
+    /// (n_keys, hd) each
+    k: &'a [f32],
+    v: &'a [f32],
+    /// cos, sin (n_keys, half), half, layout
+    rope: Option<(&'a [f32], &'a [f32], usize, PairLayout)>,
+    mask: Option<&'a [f32]>,
+    n_keys: usize,
+    t: usize,
+    hd: usize,
+    keys: std::ops::Range<usize>,
+}
+
+/// Softmax statistics of a block's scores per query row, and its rows' unnormalized
+/// outputs: max (rows), sum of exp(score - max) (rows), sum of exp(score - max) v (rows x hd).
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+simd_dispatch!(fn attend_block(b: &KeyBlock<'_>) -> Partial = attend_block_generic);
+
+#[inline(always)]
+fn attend_block_generic(b: &KeyBlock<'_>) -> Partial {
+    let (hd, len) = (b.hd, b.keys.len());
+    let rows = b.q.len() / hd;
+    let mut scores = vec![0f32; rows * len];
+    let mut placed = vec![0f32; hd];
+    for (i, j) in b.keys.clone().enumerate() {
+        let key = &b.k[j * hd..(j + 1) * hd];
+        let key = match b.rope {
+            Some((cos, sin, half, layout)) => {
+                let (cos, sin) = (
+                    &cos[j * half..(j + 1) * half],
+                    &sin[j * half..(j + 1) * half],
+                );
+                match layout {
+                    PairLayout::Interleaved => {
+                        rope_interleaved_row_generic(&mut placed, key, cos, sin)
+                    }
+                    PairLayout::HalfSplit => {
+                        rope_half_split_row_generic(&mut placed, key, cos, sin)
+                    }
+                }
+                &placed[..]
+            }
+            None => key,
+        };
+        let q = if j < b.n_sink { b.q_sink } else { b.q };
+        for (r, q_row) in q.chunks_exact(hd).enumerate() {
+            let bias = b.mask.map_or(0.0, |m| m[(r % b.t) * b.n_keys + j]);
+            scores[r * len + i] = lane_dot(q_row, key) + bias;
+        }
+    }
+    let mut part = Partial {
+        max: vec![f32::NEG_INFINITY; rows],
+        sum: vec![0.0; rows],
+        acc: vec![0.0; rows * hd],
+    };
+    for (r, row) in scores.chunks_exact_mut(len).enumerate() {
+        let max = lane_max(row);
+        if max == f32::NEG_INFINITY {
+            continue; // every key of the block hidden from this query: it adds nothing
+        }
+        row.iter_mut().for_each(|s| {
+            *s = if *s == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(*s - max)
+            }
+        });
+        part.max[r] = max;
+        part.sum[r] = lane_sum(row);
+    }
+    for (i, j) in b.keys.clone().enumerate() {
+        let value = &b.v[j * hd..(j + 1) * hd];
+        for (r, acc) in part.acc.chunks_exact_mut(hd).enumerate() {
+            let p = scores[r * len + i];
+            acc.iter_mut().zip(value).for_each(|(a, v)| *a += p * v);
+        }
+    }
+    part
+}
+
+/// `dst` = row `r` of the attention output from its blocks' partial softmaxes.
+fn combine_row(dst: &mut [f32], blocks: &[Partial], r: usize, hd: usize) {
+    let max = blocks
+        .iter()
+        .map(|b| b.max[r])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for b in blocks.iter().filter(|b| b.max[r] > f32::NEG_INFINITY) {
+        let scale = (b.max[r] - max).exp();
+        sum += scale * b.sum[r];
+        let acc = &b.acc[r * hd..(r + 1) * hd];
+        dst.iter_mut().zip(acc).for_each(|(d, a)| *d += scale * a);
+    }
+    let inv = 1.0 / sum;
+    dst.iter_mut().for_each(|d| *d *= inv);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,6 +771,109 @@ mod tests {
                 "{} vs {}",
                 got[i],
                 -logp[i][t as usize]
+            );
+        }
+    }
+
+    #[test]
+    fn few_rows_times_transposed_matches_matmul() {
+        let dev = Device::Cpu;
+        for (t, n, k) in [(1, 5, 7), (1, 300, 576), (3, 1000, 40), (FEW_ROWS, 33, 129)] {
+            let x = Tensor::randn(0f32, 1.0, (t, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = few_rows_times_transposed(&x, &w, None).unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-4, "({t}, {n}, {k})");
+            let want = want.broadcast_add(&b).unwrap();
+            let got = few_rows_times_transposed(&x, &w, Some(&b)).unwrap();
+            assert!(
+                max_abs_diff(&got, &want) < 1e-4,
+                "({t}, {n}, {k}) with bias"
+            );
+        }
+    }
+
+    /// The attention `few_query_attention` computes, from candle's ops: keys rotated, scores
+    /// of the sink keys from `q_sink`, one softmax, times the values.
+    fn attention_by_candle(a: &FewQueries<'_>) -> Tensor {
+        let (nh, t, hd) = a.q.dims3().unwrap();
+        let (nkv, n, _) = a.k.dims3().unwrap();
+        let k = match a.k_rope {
+            Some((cos, sin, layout)) => rope(a.k, cos, sin, layout).unwrap(),
+            None => a.k.clone(),
+        };
+        let heads_of = |x: &Tensor| repeat_heads(x, nh / nkv);
+        let (k, v) = (heads_of(&k), heads_of(a.v));
+        let mut scores = a.q.matmul(&k.t().unwrap()).unwrap();
+        if let Some((n_sink, q_sink)) = a.q_sink {
+            let sink = q_sink
+                .matmul(&k.narrow(1, 0, n_sink).unwrap().t().unwrap())
+                .unwrap();
+            let rest = scores.narrow(2, n_sink, n - n_sink).unwrap();
+            scores = Tensor::cat(&[&sink, &rest], 2).unwrap();
+        }
+        if let Some(m) = a.mask {
+            scores = scores.broadcast_add(m).unwrap();
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let out = probs.matmul(&v.contiguous().unwrap()).unwrap(); // (nh, t, hd)
+        out.transpose(0, 1).unwrap().reshape((t, nh * hd)).unwrap()
+    }
+
+    /// `x` (nkv, n, hd) with each KV head repeated `times` times in a row.
+    fn repeat_heads(x: &Tensor, times: usize) -> Tensor {
+        let copies: Vec<Tensor> = (0..x.dim(0).unwrap())
+            .flat_map(|i| std::iter::repeat_n(x.narrow(0, i, 1).unwrap(), times))
+            .collect();
+        Tensor::cat(&copies, 0).unwrap()
+    }
+
+    #[test]
+    fn few_query_attention_matches_candle_with_sinks_masks_and_both_layouts() {
+        let dev = Device::Cpu;
+        let (nh, nkv, hd, n) = (6, 2, 16, 600); // 600 keys: three blocks, the last partial
+        for (t, layout, half, sinks, masked) in [
+            (1, PairLayout::Interleaved, 8, None, false),
+            (1, PairLayout::HalfSplit, 4, Some(4), false),
+            (3, PairLayout::HalfSplit, 8, Some(2), true),
+        ] {
+            let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let (q, q_sink, k, v) = (
+                rand(&[nh, t, hd]),
+                rand(&[nh, t, hd]),
+                rand(&[nkv, n, hd]),
+                rand(&[nkv, n, hd]),
+            );
+            let angles = rand(&[n, half]);
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            // Query r sees every key but the r + 1 before the last (a block fully hidden
+            // from none, keys hidden in the last block).
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|r| {
+                    (0..n).map(move |j| {
+                        if j + r + 2 > n && j + 1 < n {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, n), &dev).unwrap();
+            let a = FewQueries {
+                q: &q,
+                q_sink: sinks.map(|s| (s, &q_sink)),
+                k: &k,
+                k_rope: Some((&cos, &sin, layout)),
+                v: &v,
+                mask: masked.then_some(&mask),
+            };
+            let got = few_query_attention(&a).unwrap();
+            let diff = max_abs_diff(&got, &attention_by_candle(&a));
+            assert!(
+                diff < 1e-5,
+                "t={t} {layout:?} sinks {sinks:?} masked {masked}: {diff}"
             );
         }
     }

@@ -8,12 +8,13 @@
 //! ```
 
 use candle_core::Result;
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::attention::{Attention, PositionScheme};
 use super::decoder::{Architecture, Block, Dims, Mlp, Model, Residual, scaled, stacked};
 use super::hf::{RopeConfig, unsupported};
+use super::linear::Linear;
 use super::rope::{PairLayout, Rope, RopeScaling};
 use super::weights::{interleave_pairs, linear, rms_norm, untied_head};
 

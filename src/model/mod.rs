@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hf;
 pub mod kernels;
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
 pub mod mpt;
 pub mod neox;

@@ -2,9 +2,10 @@
 //! shares when it builds the [`super::decoder`] parts.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::decoder::Norm;
+use super::linear::Linear;
 
 /// `{name}.weight` (out_dim, in_dim), and `{name}.bias` (out_dim) when `bias`.
 pub fn linear(

@@ -321,24 +321,25 @@ impl Attention {
         };
         let mask = at.mask((window, first_key));
         let sink_queries = q_sink.as_ref().map(|(n, _, q)| (*n, q));
+        // A few f32 queries on the CPU (the token engine's one) take one pass over the cache,
+        // unless ALiBi biases their scores; the CPU never gets a `Rule` mask.
         let few_cpu_queries = q.device().is_cpu() && q.dtype() == DType::F32 && t <= FEW_ROWS;
-        match (&self.positions, mask) {
-            (PositionScheme::Alibi { .. }, _) | (_, KeyMask::Rule { .. }) => {}
-            (_, KeyMask::All | KeyMask::Dense(_)) if few_cpu_queries => {
-                return kernels::few_query_attention(&FewQueries {
-                    q: &q_main,
-                    q_sink: sink_queries,
-                    k,
-                    k_rope: (rope.zip(k_table.as_ref()))
-                        .map(|(rope, (cos, sin))| (cos, sin, rope.layout)),
-                    v,
-                    mask: match mask {
-                        KeyMask::Dense(m) => Some(m),
-                        _ => None,
-                    },
-                });
-            }
-            _ => {}
+        let alibi = matches!(self.positions, PositionScheme::Alibi { .. });
+        let cpu_mask = match mask {
+            KeyMask::All => Some(None),
+            KeyMask::Dense(m) => Some(Some(m)),
+            KeyMask::Rule { .. } => None,
+        };
+        if let Some(mask) = cpu_mask.filter(|_| few_cpu_queries && !alibi) {
+            return kernels::few_query_attention(&FewQueries {
+                q: &q_main,
+                q_sink: sink_queries,
+                k,
+                k_rope: (rope.zip(k_table.as_ref()))
+                    .map(|(rope, (cos, sin))| (cos, sin, rope.layout)),
+                v,
+                mask,
+            });
         }
         let k = rotate(k, k_table.as_ref())?;
         if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask, rope.is_some())? {

@@ -18,7 +18,7 @@
 //! assert_eq!(runs[0].options.max_tokens, Some(2048));
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -71,13 +71,15 @@ impl<T: Copy> PerScale<T> {
     }
 }
 
-/// What an experiment measures: NLL runs (tables, running-PPL figures) or decoding latency.
+/// What an experiment measures: NLL runs (tables, running-PPL figures), decoding latency, or
+/// a generated conversation per run (`streamppl generate`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     #[default]
     Runs,
     Latency,
+    Chat,
 }
 
 /// A figure to draw from an experiment's results.
@@ -146,6 +148,17 @@ pub struct LatencyDef {
     pub max_cache: Option<PerScale<usize>>,
 }
 
+/// Settings of a chat experiment: each run generates `tokens` tokens (at the scale) in one
+/// conversation, asking the prompt file again and again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatDef {
+    /// MT-Bench-style JSONL, relative to the experiments folder.
+    pub prompts: PathBuf,
+    /// Most tokens of one answer.
+    pub max_new_tokens: usize,
+}
+
 /// One experiment file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,6 +190,8 @@ pub struct Experiment {
     pub runs: Vec<RunDef>,
     #[serde(default)]
     pub latency: Option<LatencyDef>,
+    #[serde(default)]
+    pub chat: Option<ChatDef>,
     #[serde(default)]
     pub paper: Vec<PaperNumbers>,
 }
@@ -220,7 +235,11 @@ impl Experiment {
             (Kind::Latency, Some(_), false) => {
                 bail!("kind = \"latency\" takes no [[run]] (its methods are fixed)")
             }
+            (Kind::Chat, ..) => self.check_chat()?,
             _ => {}
+        }
+        if self.chat.is_some() && self.kind != Kind::Chat {
+            bail!("a [chat] table belongs to kind = \"chat\"; add that line or remove the table");
         }
         let mut ids = std::collections::HashSet::new();
         for run in &self.runs {
@@ -257,6 +276,35 @@ impl Experiment {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A chat experiment has a `[chat]` table, runs, and a number of tokens at every scale.
+    fn check_chat(&self) -> Result<()> {
+        let Some(chat) = &self.chat else {
+            bail!("kind = \"chat\" needs a [chat] table (prompts, max_new_tokens)")
+        };
+        if chat.max_new_tokens == 0 {
+            bail!("[chat] max_new_tokens must be at least 1");
+        }
+        if self.runs.is_empty() {
+            bail!("no [[run]]: give at least one strategy to generate with");
+        }
+        if let Some(run) = (self.runs.iter()).find(|r| r.strategy.starts_with("recompute")) {
+            bail!(
+                "run `{}`: re-computation keeps no cache to generate from; give dense, window:W or sink:S+W",
+                run.id
+            );
+        }
+        if let Some(scale) = Scale::ALL
+            .into_iter()
+            .find(|&s| self.max_tokens(s).is_none())
+        {
+            bail!(
+                "kind = \"chat\" needs tokens at every scale (none at {}): how many to generate",
+                scale.name()
+            );
         }
         Ok(())
     }
@@ -431,6 +479,56 @@ mod tests {
         }
         let err = format!("{:#}", Experiment::parse("u", MINIMAL).unwrap_err());
         assert!(err.contains("file name `u`"), "{err}");
+    }
+
+    const CHAT: &str = r#"
+        name = "c"
+        kind = "chat"
+        title = "C"
+        mirrors = "the demo"
+        tokens = { quick = 100, default = 1000 }
+        [chat]
+        prompts = "prompts/chat.jsonl"
+        max_new_tokens = 64
+        [[run]]
+        id = "4+1020"
+        strategy = "sink:4+1020"
+    "#;
+
+    #[test]
+    fn a_chat_experiment_needs_its_table_tokens_and_a_strategy_with_a_cache() {
+        let exp = Experiment::parse("c", CHAT).unwrap();
+        assert_eq!(exp.chat.as_ref().unwrap().max_new_tokens, 64);
+        assert_eq!(exp.max_tokens(Scale::Paper), Some(1000));
+        let cases = [
+            (
+                CHAT.replace("[chat]", "")
+                    .replace("prompts = ", "description = ")
+                    .replace("max_new_tokens = 64", ""),
+                "needs a [chat] table",
+            ),
+            (
+                CHAT.replace("sink:4+1020", "recompute:1024"),
+                "keeps no cache",
+            ),
+            (
+                CHAT.replace("max_new_tokens = 64", "max_new_tokens = 0"),
+                "at least 1",
+            ),
+            (
+                CHAT.replace("kind = \"chat\"", ""),
+                "belongs to kind = \"chat\"",
+            ),
+            (
+                CHAT.replace("tokens = { quick = 100, default = 1000 }", ""),
+                "tokens at every scale",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = format!("{:#}", Experiment::parse("c", &text).unwrap_err());
+            assert!(err.contains(want), "want `{want}` in: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@ use streamppl::eval::EvalOptions;
 use streamppl::experiment::Scale;
 use streamppl::generate::sampler::Sampling;
 use streamppl::generate::{GenerateJob, Prompts, generate};
-use streamppl::records::generation::{GenerationLog, GenerationRecord};
+use streamppl::records::generation::GenerationRecord;
+use streamppl::report::chat::{ChatRun, health_table};
 use streamppl::report::{load_runs, markdown_table, plot_running_ppl};
 use streamppl::reproduce::{ReproduceJob, all_names, reproduce};
 use streamppl::runner::{Compute, EvalJob, RunPolicy, run_eval, summary_line};
@@ -156,7 +157,8 @@ enum Command {
         compute: ComputeArgs,
     },
     /// Plot generations side by side: per-token latency, resident memory and running self-NLL
-    /// against tokens generated (RUN: a `generate` run folder, e.g. results/generate/sink:4+2000).
+    /// against tokens generated (RUN: a `generate` run folder, e.g. results/generate/sink:4+2000);
+    /// prints where each run breaks (memory, latency, degenerate output).
     PlotGeneration {
         #[arg(required = true)]
         runs: Vec<PathBuf>,
@@ -685,15 +687,15 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::PlotGeneration { runs, out, title } => {
-            let runs = runs
-                .iter()
+            let runs = (runs.iter())
                 .map(|dir| {
                     let record = GenerationRecord::read_json(&dir.join("run.json"))?;
-                    let log = GenerationLog::read_parquet(&dir.join("generation.parquet"))?;
-                    Ok((record.label, log))
+                    ChatRun::load(&record.label, dir)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            streamppl::report::plot_generation(&runs, &out, &title)?;
+            let logs: Vec<_> = (runs.iter()).map(|r| (r.id.as_str(), &r.log)).collect();
+            streamppl::report::plot_generation(&logs, &out, &title)?;
+            print!("{}", health_table(&runs));
             eprintln!("wrote {} and its .svg", out.display());
         }
         Command::Info {

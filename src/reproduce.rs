@@ -14,8 +14,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::eval::{EvalOptions, default_block_size, fingerprint, numerics_epoch, stream_for};
 use crate::experiment::{Experiment, Kind, Scale};
+use crate::generate::sampler::Sampling;
+use crate::generate::{GenerateJob, Prompts, generate_with};
 use crate::latency::{LatencyOptions, measure_latency};
 use crate::records::experiment::{ExperimentRecord, RunEntry};
+use crate::records::generation::GenerationRecord;
 use crate::records::latency::LatencyPoint;
 use crate::records::run::RunRecord;
 use crate::run_dir::check_log;
@@ -131,12 +134,16 @@ pub fn reproduce(job: &ReproduceJob) -> Result<Vec<PathBuf>> {
                     LatencyPoint::write_json(&points, &dir.join(LATENCY_FILE))?;
                 }
                 Kind::Latency => {}
+                Kind::Chat => {
+                    run_chats(&lm, exp, job, &dir, &mine)?;
+                }
             }
             continue;
         }
         let (runs, latency) = match exp.kind {
             Kind::Runs => (run_experiment(&lm, exp, job, &dir, &|_| true)?, Vec::new()),
             Kind::Latency => (Vec::new(), merged_or_measured_latency(&lm, exp, job, &dir)?),
+            Kind::Chat => (run_chats(&lm, exp, job, &dir, &|_| true)?, Vec::new()),
         };
         let record = ExperimentRecord {
             experiment: exp.clone(),
@@ -188,6 +195,13 @@ fn shard_owners(experiments: &[Experiment], job: &ReproduceJob) -> Result<HashMa
                 let tokens: usize = exp.latency_caches(job.scale)?.iter().sum();
                 let cost = estimated_cost(&EvalOptions::new(Strategy::Dense), tokens as u64);
                 units.push((format!("{}/{LATENCY_UNIT}", exp.name), cost));
+            }
+            Kind::Chat => {
+                for (_, chat) in chat_jobs(exp, job, Path::new(""))? {
+                    let tokens = chat.total_tokens.unwrap_or(1 << 20);
+                    let cost = estimated_cost(&EvalOptions::new(chat.strategy), tokens);
+                    units.push((format!("{}/{}", exp.name, chat_dir_name(&chat)), cost));
+                }
             }
         }
     }
@@ -293,6 +307,93 @@ fn reuse_finished(run_dir: &Path, fp: &str, parent: Option<&Path>) -> Result<()>
     }
     eprintln!("   reused {} (same configuration)", source.display());
     Ok(())
+}
+
+/// A chat experiment's runs as generation jobs writing into `dir`, with their run ids: greedy,
+/// the prompt file asked again and again until the scale's tokens are generated.
+fn chat_jobs(
+    exp: &Experiment,
+    job: &ReproduceJob,
+    dir: &Path,
+) -> Result<Vec<(String, GenerateJob)>> {
+    let Some(chat) = &exp.chat else {
+        bail!("{}: kind = \"chat\" needs a [chat] table", exp.name);
+    };
+    let runs = exp.resolve(job.scale, job.block_size())?;
+    Ok(runs
+        .into_iter()
+        .map(|run| {
+            let generate = GenerateJob {
+                model: job.model.clone(),
+                compute: job.compute.clone(),
+                strategy: run.options.strategy,
+                prompts: Prompts::Repeat(job.experiments.join(&chat.prompts)),
+                max_new_tokens: chat.max_new_tokens,
+                sampling: Sampling::GREEDY,
+                total_tokens: exp.max_tokens(job.scale),
+                out: dir.to_path_buf(),
+                echo: false,
+            };
+            (run.id, generate)
+        })
+        .collect())
+}
+
+/// The run folder's name within the experiment folder.
+fn chat_dir_name(chat: &GenerateJob) -> String {
+    let dir = chat.run_dir();
+    dir.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Generates the chat experiment's conversations for which `mine(run folder)` holds, skipping
+/// those already finished with the same settings (an interrupted one starts again).
+fn run_chats(
+    lm: &LoadedModel,
+    exp: &Experiment,
+    job: &ReproduceJob,
+    dir: &Path,
+    mine: &dyn Fn(&str) -> bool,
+) -> Result<Vec<RunEntry>> {
+    let mut entries = Vec::new();
+    for (id, chat) in chat_jobs(exp, job, dir)? {
+        let name = chat_dir_name(&chat);
+        if mine(&name) {
+            match finished_chat(&chat, lm) {
+                Some(done) if !job.policy.rerun => eprintln!(
+                    "   {id}: already done ({} tokens in {})",
+                    done.tokens_generated,
+                    chat.run_dir().display()
+                ),
+                _ => {
+                    eprintln!("   {id}: generating with {}", chat.strategy);
+                    generate_with(lm, &chat)?;
+                }
+            }
+        }
+        entries.push(RunEntry { id, dir: name });
+    }
+    Ok(entries)
+}
+
+/// The record of `chat`'s run folder when it holds the finished conversation `chat` asks for
+/// on `lm`.
+fn finished_chat(chat: &GenerateJob, lm: &LoadedModel) -> Option<GenerationRecord> {
+    let record = GenerationRecord::read_json(&chat.run_dir().join("run.json")).ok()?;
+    let same = record.model.sha256 == lm.info.sha256
+        && record.model.details == lm.info.details
+        && record.strategy == chat.strategy.to_string()
+        && record.max_new_tokens == chat.max_new_tokens
+        && Some(record.tokens_generated) == chat.total_tokens
+        && (record.temperature, record.top_p, record.seed)
+            == (
+                chat.sampling.temperature,
+                chat.sampling.top_p,
+                chat.sampling.seed,
+            );
+    same.then_some(record)
 }
 
 fn run_latency(

@@ -7,9 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use streamppl::experiment::{Kind, Scale};
 use streamppl::nll_log::NllLog;
 use streamppl::records::experiment::ExperimentRecord;
 use streamppl::records::run::RunRecord;
+use streamppl::report::chat::{ChatRun, Health};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -89,6 +91,7 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
         [
             "ablation",
             "bos",
+            "chat",
             "figure10",
             "figure3",
             "figure5",
@@ -103,6 +106,10 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
         let rec = ExperimentRecord::read(&dir).unwrap();
         let table = read(&dir.join("table.md"));
         assert_eq!(rec.runs.len(), rec.experiment.runs.len(), "{name}");
+        if rec.experiment.kind == Kind::Chat {
+            assert_chat(&dir, &rec, &table);
+            continue;
+        }
         for run in &rec.runs {
             let r = RunRecord::read_json(&dir.join(&run.dir).join("run.json")).unwrap();
             assert!(
@@ -185,6 +192,29 @@ fn every_experiment_reproduces_at_quick_scale_and_reruns_nothing() {
     }
     the_report_sets_scales_side_by_side_and_shows_experiments_without_logs(&out);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The chat experiment at quick scale: each strategy's conversation generated to the scale's
+/// tokens, greedy, a row of the table each with what broke, and the figure.
+fn assert_chat(dir: &Path, rec: &ExperimentRecord, table: &str) {
+    let tokens = rec.experiment.max_tokens(Scale::Quick).unwrap();
+    for run in &rec.runs {
+        let chat = ChatRun::load(&run.id, &dir.join(&run.dir)).unwrap();
+        assert_eq!(chat.record.tokens_generated, tokens, "chat/{}", run.id);
+        assert_eq!(chat.log.tokens.len() as u64, tokens, "chat/{}", run.id);
+        assert!(chat.record.chat_template && chat.record.temperature == 0.0);
+        let answered: u64 = chat.turns.iter().map(|t| t.answer_tokens).sum();
+        assert_eq!(answered, tokens, "chat/{}: turns and log disagree", run.id);
+        let health = Health::of(&chat.log, &chat.turns).unwrap();
+        assert!(health.peak_rss_mib > 0.0 && health.early_latency_s > 0.0);
+        let row = format!("| {} | `{}` | {tokens} |", run.id, chat.record.strategy);
+        assert!(table.contains(&row), "chat: no row `{row}`:\n{table}");
+    }
+    assert!(
+        table.contains("breaks by") || table.contains("holds"),
+        "{table}"
+    );
+    assert_figure(dir, "generation.png");
 }
 
 /// table2 copied as if run at the paper scale, its per-token logs removed (as the large

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
+use indicatif::ProgressBar;
 
 use crate::engine::token::TokenEngine;
 use crate::memory::current_rss_mib;
@@ -39,7 +40,9 @@ use crate::records::generation::{
     GENERATION_SCHEMA, GeneratedToken, GenerationLog, GenerationRecord, TurnRecord, repeated_4grams,
 };
 use crate::records::write_json;
-use crate::runner::{Compute, LoadedModel, load_model, now_rfc3339, peak_rss_bytes, versions};
+use crate::runner::{
+    Compute, LoadedModel, load_model, now_rfc3339, peak_rss_bytes, progress_bar, versions,
+};
 use crate::source::{HubSettings, resolve_model};
 use crate::strategy::Strategy;
 use chat::{ChatFormat, Message};
@@ -83,6 +86,21 @@ impl GenerateJob {
 /// Runs the conversation; writes `generation.parquet`, `generation.jsonl` and `run.json` into
 /// the run folder (the first two after every turn, so an interrupted run keeps its turns).
 pub fn generate(job: &GenerateJob) -> Result<GenerationRecord> {
+    check(job)?;
+    // The prompts first: a broken prompt file fails before a model is loaded.
+    let turns = TurnSource::new(&job.prompts)?;
+    let lm = load_model(&job.model, &job.compute)?;
+    converse(&lm, job, turns)
+}
+
+/// [`generate`] on a model already loaded, the one the job's `model` and `compute` name.
+pub fn generate_with(lm: &LoadedModel, job: &GenerateJob) -> Result<GenerationRecord> {
+    check(job)?;
+    converse(lm, job, TurnSource::new(&job.prompts)?)
+}
+
+/// What is wrong with a job before anything is read.
+fn check(job: &GenerateJob) -> Result<()> {
     if matches!(job.strategy, Strategy::Recompute { .. }) {
         bail!(
             "{}: re-computation rebuilds a window per token and keeps no cache to generate from; give dense, window:W or sink:S+W",
@@ -95,28 +113,45 @@ pub fn generate(job: &GenerateJob) -> Result<GenerationRecord> {
     if matches!(job.prompts, Prompts::Repeat(_)) && job.total_tokens.is_none() {
         bail!("--repeat-prompts needs --total-tokens N, or it never ends");
     }
-    // The prompts first: a broken prompt file fails before a model is loaded.
-    let mut turns = TurnSource::new(&job.prompts)?;
+    Ok(())
+}
+
+/// The conversation of `job` on `lm`, its user turns from `turns`.
+fn converse(
+    lm: &LoadedModel,
+    job: &GenerateJob,
+    mut turns: TurnSource,
+) -> Result<GenerationRecord> {
     let resolved = resolve_model(&job.model.to_string_lossy(), &HubSettings::from_env())?;
-    let lm = load_model(&job.model, &job.compute)?;
     let chat = ChatFormat::for_model(&resolved, &lm.tokenizer)?;
     let dir = job.run_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let mut conversation = Conversation::new(&lm, &chat, job)?;
+    let mut conversation = Conversation::new(lm, &chat, job)?;
     let started = Instant::now();
     let mut jsonl = std::fs::File::create(dir.join("generation.jsonl"))
         .with_context(|| format!("{}: cannot create generation.jsonl", dir.display()))?;
+    // Without the conversation on stdout, a bar shows the progress (by turn).
+    let bar = match job.echo {
+        true => ProgressBar::hidden(),
+        false => progress_bar(
+            job.total_tokens.unwrap_or(0),
+            &job.strategy.to_string(),
+            "tokens",
+        ),
+    };
     while let Some((question_id, question_turn, prompt)) = turns.next_turn()? {
         if conversation.done() {
             break;
         }
         let turn = conversation.answer(&question_id, question_turn, &prompt)?;
+        bar.set_position(conversation.generated());
         writeln!(jsonl, "{}", serde_json::to_string(&turn)?)?;
         jsonl.flush()?;
         conversation
             .log
             .write_parquet(&dir.join("generation.parquet"))?;
     }
+    bar.finish_and_clear();
     let record = conversation.record(job, started.elapsed(), turns.origin());
     write_json(&record, &dir.join("run.json"))?;
     Ok(record)

@@ -154,6 +154,22 @@ pub struct TurnRecord {
     pub seconds: f64,
 }
 
+impl TurnRecord {
+    /// A `generation.jsonl`'s turns in order; an error names the line that is not a turn.
+    pub fn read_jsonl(path: &Path) -> Result<Vec<TurnRecord>> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the turns", path.display()))?;
+        (text.lines().enumerate())
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: not a streamppl turn record", path.display(), i + 1)
+                })
+            })
+            .collect()
+    }
+}
+
 /// `run.json` of a generation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct GenerationRecord {

@@ -4,13 +4,15 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
+use super::chat::{ChatRun, health_reading, health_table};
 use super::figures::fmt_ppl;
 use super::table::cell;
-use super::{Run, plot_latency, plot_long_stream, render_sweep};
+use super::{Run, plot_generation, plot_latency, plot_long_stream, render_sweep};
 use crate::eval::numerics_epoch;
 use crate::experiment::{Kind, Plot, Scale};
 use crate::nll_log::NllLog;
 use crate::records::experiment::{EXPERIMENT_JSON, ExperimentRecord};
+use crate::records::generation::GenerationRecord;
 use crate::records::latency::LatencyPoint;
 use crate::records::memory::read_csv;
 use crate::records::run::RunRecord;
@@ -54,6 +56,16 @@ pub fn render_experiment(dir: &Path) -> Result<String> {
                 figures.push("latency.png".to_string());
             }
             (latency_table(&rec), latency_reading(&rec))
+        }
+        Kind::Chat => {
+            let runs = (rec.runs.iter())
+                .map(|e| ChatRun::load(&e.id, &dir.join(&e.dir)))
+                .collect::<Result<Vec<_>>>()?;
+            let logs: Vec<_> = (runs.iter()).map(|r| (r.id.as_str(), &r.log)).collect();
+            let title = format!("{}, scale {}", exp.title, rec.scale.name());
+            plot_generation(&logs, &dir.join("generation.png"), &title)?;
+            figures.push("generation.png".to_string());
+            (health_table(&runs), health_reading(&runs))
         }
     };
     let compute = compute_of(dir, &rec).map_or(String::new(), |c| format!("{c} · "));
@@ -117,9 +129,12 @@ fn run_records(dir: &Path, rec: &ExperimentRecord) -> Result<Vec<(String, RunRec
 /// `cuda:0 bf16`: where the experiment's runs ran, from the first run's record (`None` for
 /// records from before devices were recorded).
 fn compute_of(dir: &Path, rec: &ExperimentRecord) -> Option<String> {
-    let first = rec.runs.first()?;
-    let run = RunRecord::read_json(&dir.join(&first.dir).join("run.json")).ok()?;
-    let details = run.model.details?;
+    let path = dir.join(&rec.runs.first()?.dir).join("run.json");
+    let model = match rec.experiment.kind {
+        Kind::Chat => GenerationRecord::read_json(&path).ok()?.model,
+        _ => RunRecord::read_json(&path).ok()?.model,
+    };
+    let details = model.details?;
     Some(format!("{} {}", details.device, details.dtype))
 }
 
@@ -171,8 +186,8 @@ fn scales_side_by_side(results: &Path, dirs: &[PathBuf]) -> Result<String> {
         }
     }
     let mut md = String::new();
-    // Latency experiments have no runs: their own sections compare the devices.
-    by_name.retain(|(_, list)| list.len() > 1 && !list[0].1.runs.is_empty());
+    // Latency and chat experiments have no PPL runs: their own sections compare the devices.
+    by_name.retain(|(_, list)| list.len() > 1 && list[0].1.experiment.kind == Kind::Runs);
     for (name, list) in &mut by_name {
         // Quick, default, then paper scale.
         list.sort_by_key(|(_, rec)| Scale::ALL.iter().position(|s| *s == rec.scale));

@@ -57,7 +57,7 @@ struct GenerationFigure<'a> {
 
 /// Plots `runs` (legend label, log) into `out` (PNG) and the SVG beside it. Errors if `runs` is
 /// empty or holds no token.
-pub fn plot_generation(runs: &[(String, GenerationLog)], out: &Path, title: &str) -> Result<()> {
+pub fn plot_generation(runs: &[(&str, &GenerationLog)], out: &Path, title: &str) -> Result<()> {
     check_png(out)?;
     if runs.iter().all(|(_, log)| log.tokens.is_empty()) {
         bail!("no generated token to plot");
@@ -201,15 +201,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("streamppl-genplot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("generation.png");
-        let runs = vec![
-            ("StreamingLLM 4+60".to_string(), log(600, 0.0)),
-            ("Dense".to_string(), log(400, 1e-4)),
-        ];
+        let (sink, dense) = (log(600, 0.0), log(400, 1e-4));
+        let runs = [("StreamingLLM 4+60", &sink), ("Dense", &dense)];
         plot_generation(&runs, &out, "generation").unwrap();
         let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
         assert!(svg.contains("StreamingLLM 4+60") && svg.contains("tokens generated"));
         assert!(std::fs::metadata(&out).unwrap().len() > 5000);
-        let empty = vec![("none".to_string(), GenerationLog::default())];
+        let empty = [("none", &GenerationLog::default())];
         assert!(plot_generation(&empty, &out, "t").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

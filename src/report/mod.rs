@@ -8,6 +8,7 @@
 //! plot_running_ppl(&runs, "runs/pg19/running_ppl.png".as_ref(), "PG19, Llama").unwrap();
 //! ```
 
+pub mod chat;
 mod compare;
 mod experiment;
 mod figures;

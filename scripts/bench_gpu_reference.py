@@ -4,6 +4,8 @@ the transformers reference figures on it. Needs torch with CUDA and transformers
 writes JSON.
 
   env --out F                  torch/transformers/CUDA versions and which SDPA back ends are on
+  write-smol DIR               a SmolLM2-135M-shaped checkpoint, random weights, f32 safetensors
+                               (the tokenizer.json is the caller's, as for write-7b)
   write-7b DIR                 a Llama-2-7B-shaped checkpoint, random weights, bf16 safetensors,
                                SmolLM2's vocabulary (49,152); the tokenizer.json is streamppl's
                                to write (`streamppl info SMOLLM2 --save-tokenizer DIR/tokenizer.json`)
@@ -107,6 +109,30 @@ def cmd_write_7b(args):
         f"{args.dir}: {parameters / 1e9:.2f} B parameters, built on the GPU in "
         f"{built - started:.1f} s, saved in {time.perf_counter() - built:.1f} s"
     )
+
+
+def cmd_write_smol(args):
+    """A SmolLM2-135M-shaped checkpoint with random weights (seed 0), f32 safetensors; the
+    tokenizer.json is the caller's to copy in."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+    )
+    LlamaForCausalLM(config).save_pretrained(args.dir, safe_serialization=True)
+    (Path(args.dir) / "tokenizer_config.json").write_text('{"add_bos_token": false}\n')
+    print(f"{args.dir}: SmolLM2-135M shape, random weights")
 
 
 @torch.inference_mode()
@@ -272,6 +298,9 @@ def main():
     w = sub.add_parser("write-7b", help="write the random Llama-2-7B-shaped checkpoint")
     w.add_argument("dir", type=Path)
     w.set_defaults(run=cmd_write_7b)
+    ws = sub.add_parser("write-smol", help="write a random SmolLM2-135M-shaped checkpoint")
+    ws.add_argument("dir", type=Path)
+    ws.set_defaults(run=cmd_write_smol)
     r = sub.add_parser("reference", help="transformers figures on a checkpoint")
     r.add_argument("dir", type=Path)
     r.add_argument("--out", type=Path, required=True)

@@ -57,11 +57,11 @@ struct LogState {
 }
 
 #[derive(Serialize, Deserialize)]
-struct KvState {
+pub(crate) struct KvState {
     seal: Seal,
     /// Slots `0..occupied` are stored; `slot_token` has one entry per slot.
     occupied: usize,
-    slot_token: Vec<u64>,
+    pub(crate) slot_token: Vec<u64>,
     /// The first slot each layer stores (a capped layer drops older ones); absent: all 0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     starts: Vec<usize>,
@@ -347,7 +347,7 @@ impl Checkpointer {
     }
 }
 
-fn remove_if_present(dir: &Path) -> Result<()> {
+pub(crate) fn remove_if_present(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("{}: cannot remove", dir.display()))
@@ -370,7 +370,7 @@ fn save_log(log: &NllLog, path: &Path) -> Result<LogState> {
 }
 
 /// Writes the occupied slots `0..slot_token.len()`, hashing them on the way out.
-fn save_kv(cache: &KvCache, slot_token: &[u64], path: &Path) -> Result<KvState> {
+pub(crate) fn save_kv(cache: &KvCache, slot_token: &[u64], path: &Path) -> Result<KvState> {
     let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
     let mut out = Sealing {
         inner: BufWriter::with_capacity(1 << 20, file),
@@ -416,7 +416,11 @@ fn read_log(
     Ok(log)
 }
 
-fn read_kv(path: &Path, saved: &KvState, model: &Model) -> std::result::Result<KvCache, String> {
+pub(crate) fn read_kv(
+    path: &Path,
+    saved: &KvState,
+    model: &Model,
+) -> std::result::Result<KvCache, String> {
     if saved.slot_token.len() != saved.occupied {
         return Err(format!(
             "{}: {} occupied slots but a slot map of {}",

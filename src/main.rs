@@ -153,6 +153,13 @@ enum Command {
         /// Do not print the conversation (the files are written all the same).
         #[arg(long)]
         quiet: bool,
+        /// Seconds between checkpoints (saved between turns; 0: after every turn); an
+        /// interrupted chat from a prompt file, run again with the same command, resumes.
+        #[arg(long, default_value_t = 60)]
+        checkpoint_every: u64,
+        /// Start afresh, ignoring a checkpoint in the run folder.
+        #[arg(long)]
+        rerun: bool,
         #[command(flatten)]
         compute: ComputeArgs,
     },
@@ -651,6 +658,8 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             out,
             quiet,
+            checkpoint_every,
+            rerun,
             compute,
         } => {
             let prompts = match (prompts, interactive, repeat_prompts) {
@@ -669,6 +678,8 @@ fn run(cli: Cli) -> Result<()> {
                 total_tokens,
                 out,
                 echo: !quiet,
+                checkpoint_every: std::time::Duration::from_secs(checkpoint_every),
+                rerun,
             };
             let r = generate(&job)?;
             eprintln!(

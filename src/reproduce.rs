@@ -333,6 +333,8 @@ fn chat_jobs(
                 total_tokens: exp.max_tokens(job.scale),
                 out: dir.to_path_buf(),
                 echo: false,
+                checkpoint_every: job.policy.checkpoint_every,
+                rerun: job.policy.rerun,
             };
             (run.id, generate)
         })

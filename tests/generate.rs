@@ -51,6 +51,8 @@ fn job(
         total_tokens: None,
         out: out.into(),
         echo: false,
+        checkpoint_every: std::time::Duration::from_secs(60),
+        rerun: false,
     }
 }
 
@@ -214,5 +216,93 @@ fn smollm2_greedy_chat_with_sinks_equals_dense_before_eviction() {
         "the template's system prompt and markers were fed"
     );
     assert!(!first.answer.trim().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A chat killed after its first checkpoint and run again with the same command resumes from
+/// it (saying so) and generates the same tokens, with the same NLLs, as one never interrupted.
+#[test]
+fn a_killed_chat_resumes_to_the_same_tokens() {
+    let Some((model, _)) = common::default_model_and_corpus() else {
+        return;
+    };
+    let dir = scratch("resume");
+    let prompts = prompt_file(&dir);
+    let command = |out: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_streamppl"));
+        cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompts"])
+            .arg(&prompts)
+            .args([
+                "--repeat-prompts",
+                "--total-tokens",
+                "240",
+                "--max-new-tokens",
+                "40",
+            ])
+            .args([
+                "--strategy",
+                "sink:4+60",
+                "--quiet",
+                "--checkpoint-every",
+                "0",
+            ])
+            .arg("--out")
+            .arg(dir.join(out))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let whole = command("whole").output().unwrap();
+    assert!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    let run = dir.join("killed/sink:4+60");
+    let mut child = command("killed").spawn().unwrap();
+    while !run.join("checkpoint/state.json").is_file() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before a checkpoint"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !run.join("run.json").exists(),
+        "the chat ended before it was killed"
+    );
+    let resumed = command("killed").output().unwrap();
+    let said = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        resumed.status.success() && said.contains("resuming from"),
+        "{said}"
+    );
+    let read = |d: &str| {
+        GenerationLog::read_parquet(&dir.join(d).join("sink:4+60/generation.parquet")).unwrap()
+    };
+    // Everything but the timings and resident memory.
+    let computed = |d: &str| -> Vec<_> {
+        (read(d).tokens.iter())
+            .map(|t| (t.turn, t.position, t.token_id, t.nll, t.cache_keys))
+            .collect()
+    };
+    let (a, b) = (computed("whole"), computed("killed"));
+    assert_eq!(a.len(), 240);
+    let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    assert!(
+        a.len() == b.len() && differ == 0,
+        "{differ} tokens differ after resuming"
+    );
+    let answers = |d: &str| -> Vec<String> {
+        let turns = TurnRecord::read_jsonl(&dir.join(d).join("sink:4+60/generation.jsonl"));
+        turns.unwrap().into_iter().map(|t| t.answer).collect()
+    };
+    assert_eq!(answers("whole"), answers("killed"));
+    assert!(
+        !run.join("checkpoint").exists(),
+        "a finished chat keeps no checkpoint"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -103,6 +103,21 @@ impl<'m> TokenEngine<'m> {
         self.slot_token.len()
     }
 
+    /// The cache and its slot map (the fed index of the token in each slot), for a checkpoint.
+    pub fn cache_state(&self) -> (&KvCache, &[u64]) {
+        (&self.cache, &self.slot_token)
+    }
+
+    /// Puts back a cache and slot map saved after `fed` tokens; an error if the slot map is
+    /// not the one this strategy has after `fed` tokens.
+    pub fn restore(&mut self, cache: KvCache, slot_token: Vec<u64>, fed: u64) -> Result<()> {
+        if slot_token != self.slots_after(fed as usize) {
+            bail!("the saved slot map is not the engine's after {fed} fed tokens");
+        }
+        (self.cache, self.slot_token, self.fed) = (cache, slot_token, fed);
+        Ok(())
+    }
+
     /// Feeds one token; returns its final hidden state (1, hidden).
     pub fn step(&mut self, token: u32) -> Result<Tensor> {
         let t = self.fed;

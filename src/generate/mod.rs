@@ -17,12 +17,15 @@
 //!     total_tokens: None,
 //!     out: "results/generate".into(),
 //!     echo: true,
+//!     checkpoint_every: std::time::Duration::from_secs(60),
+//!     rerun: false,
 //! };
 //! let record = generate(&job).unwrap();
 //! println!("{} tokens at {:.1} tok/s", record.tokens_generated, record.tokens_per_second);
 //! ```
 
 pub mod chat;
+mod checkpoint;
 pub mod prompts;
 pub mod sampler;
 
@@ -31,7 +34,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use indicatif::ProgressBar;
 
 use crate::engine::token::TokenEngine;
@@ -46,6 +49,7 @@ use crate::runner::{
 use crate::source::{HubSettings, resolve_model};
 use crate::strategy::Strategy;
 use chat::{ChatFormat, Message};
+use checkpoint::{ChatCheckpoint, ChatState, Restored, tokens_crc32};
 use prompts::{Question, read_prompts};
 use sampler::{Sampler, Sampling};
 
@@ -74,6 +78,11 @@ pub struct GenerateJob {
     pub out: PathBuf,
     /// Print the conversation to stdout as it is generated.
     pub echo: bool,
+    /// How often the chat saves its state between turns (see [`checkpoint`]); a prompt file's
+    /// chat interrupted and run again with the same job resumes from the last save.
+    pub checkpoint_every: Duration,
+    /// Start afresh, ignoring a checkpoint in the run folder.
+    pub rerun: bool,
 }
 
 impl GenerateJob {
@@ -116,7 +125,8 @@ fn check(job: &GenerateJob) -> Result<()> {
     Ok(())
 }
 
-/// The conversation of `job` on `lm`, its user turns from `turns`.
+/// The conversation of `job` on `lm`, its user turns from `turns`; resumed from the run
+/// folder's checkpoint when there is a sound one of the same settings.
 fn converse(
     lm: &LoadedModel,
     job: &GenerateJob,
@@ -127,9 +137,29 @@ fn converse(
     let dir = job.run_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut conversation = Conversation::new(lm, &chat, job)?;
+    let mut ckpt = match &job.prompts {
+        // Turns typed on stdin are not asked again: nothing to resume.
+        Prompts::Interactive => None,
+        Prompts::File(path) | Prompts::Repeat(path) => Some(ChatCheckpoint::new(
+            &dir,
+            fingerprint(job, lm, path)?,
+            job.checkpoint_every,
+        )),
+    };
+    let mut done_turns = Vec::new();
+    if let Some(restored) = (ckpt.as_ref())
+        .filter(|_| !job.rerun)
+        .and_then(|c| c.load(&lm.model))
+    {
+        turns.next = restored.chat.next_turn;
+        done_turns = conversation.restore(restored)?;
+    }
     let started = Instant::now();
     let mut jsonl = std::fs::File::create(dir.join("generation.jsonl"))
         .with_context(|| format!("{}: cannot create generation.jsonl", dir.display()))?;
+    for turn in &done_turns {
+        writeln!(jsonl, "{}", serde_json::to_string(turn)?)?;
+    }
     // Without the conversation on stdout, a bar shows the progress (by turn).
     let bar = match job.echo {
         true => ProgressBar::hidden(),
@@ -150,11 +180,41 @@ fn converse(
         conversation
             .log
             .write_parquet(&dir.join("generation.parquet"))?;
+        if let Some(c) = ckpt.as_mut().filter(|c| c.due()) {
+            let (cache, slot_token) = conversation.engine.cache_state();
+            c.save(conversation.state(turns.next)?, cache, slot_token)?;
+        }
     }
     bar.finish_and_clear();
     let record = conversation.record(job, started.elapsed(), turns.origin());
     write_json(&record, &dir.join("run.json"))?;
+    if let Some(c) = &ckpt {
+        c.clear()?;
+    }
     Ok(record)
+}
+
+/// The settings a chat's checkpoint belongs to: everything that decides its tokens but how
+/// many (so a longer `--total-tokens` goes on from the same checkpoint).
+fn fingerprint(job: &GenerateJob, lm: &LoadedModel, prompts: &std::path::Path) -> Result<String> {
+    let text = std::fs::read(prompts)
+        .with_context(|| format!("{}: cannot read the prompt file", prompts.display()))?;
+    Ok(format!(
+        "{} · model {} {:?} · max_new_tokens {} · {:?} · prompts {} bytes crc32 {:08x}{} · numerics epoch {}",
+        job.strategy,
+        lm.info.sha256,
+        lm.info.details.as_ref().map(|d| (&d.device, &d.dtype)),
+        job.max_new_tokens,
+        job.sampling,
+        text.len(),
+        crc32fast::hash(&text),
+        if matches!(job.prompts, Prompts::Repeat(_)) {
+            " repeated"
+        } else {
+            ""
+        },
+        crate::eval::numerics_epoch()
+    ))
 }
 
 /// The user turns in order: (question id, which of its turns, text).
@@ -267,6 +327,60 @@ impl<'m> Conversation<'m> {
             echo: job.echo,
             warned_prefix: false,
         })
+    }
+
+    /// The state between two turns, `next_turn` being the next user turn's place.
+    fn state(&self, next_turn: (usize, usize)) -> Result<ChatState> {
+        let (hidden, forward) = self.last.as_ref().context("no token fed to checkpoint")?;
+        Ok(ChatState {
+            turns: self.turns,
+            tokens: self.log.tokens.len(),
+            tokens_crc32: tokens_crc32(&self.log.tokens),
+            next_turn,
+            messages: (self.messages.iter())
+                .map(|m| (m.role.to_string(), m.content.clone()))
+                .collect(),
+            fed_text: self.fed_text.clone(),
+            answer_start: self.answer_start,
+            warned_prefix: self.warned_prefix,
+            fed: self.engine.fed(),
+            hidden: hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            forward_s: forward.as_secs_f64(),
+            sampler_state: self.sampler.state(),
+        })
+    }
+
+    /// Puts back a checkpoint's state; returns the turns answered before it.
+    fn restore(&mut self, restored: Restored) -> Result<Vec<TurnRecord>> {
+        let Restored {
+            chat,
+            cache,
+            slot_token,
+            log,
+            turns,
+        } = restored;
+        self.engine.restore(cache, slot_token, chat.fed)?;
+        let model = &self.lm.model;
+        let hidden = Tensor::from_vec(chat.hidden, (1, model.dims.hidden_size), model.device())?;
+        self.last = Some((
+            hidden.to_dtype(model.dtype())?,
+            Duration::from_secs_f64(chat.forward_s),
+        ));
+        self.messages = (chat.messages.into_iter())
+            .map(|(role, content)| {
+                let role = match role.as_str() {
+                    "user" => "user",
+                    "assistant" => "assistant",
+                    other => bail!("a checkpoint's message has role `{other}`"),
+                };
+                Ok(Message { role, content })
+            })
+            .collect::<Result<_>>()?;
+        (self.fed_text, self.answer_start) = (chat.fed_text, chat.answer_start);
+        (self.turns, self.warned_prefix) = (chat.turns, chat.warned_prefix);
+        self.sampler.set_state(chat.sampler_state);
+        self.log = log;
+        Ok(turns)
     }
 
     fn generated(&self) -> u64 {

@@ -48,6 +48,16 @@ impl Sampler {
         }
     }
 
+    /// The generator's state (a checkpoint saves it).
+    pub fn state(&self) -> u64 {
+        self.state
+    }
+
+    /// Puts back a state [`Sampler::state`] returned.
+    pub fn set_state(&mut self, state: u64) {
+        self.state = state;
+    }
+
     /// The next token given the log-probabilities of every token.
     pub fn pick(&mut self, log_probs: &[f32]) -> u32 {
         if self.sampling.temperature == 0.0 {

@@ -2,14 +2,15 @@
 //! one run, written as `results/bench/<name>.json` and `.md` with the machine they ran on.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 
 use crate::corpus::load_corpora;
 use crate::engine::EngineKind;
 use crate::eval::{EvalOptions, TokenizedCorpus};
-use crate::records::bench::{BenchReport, Machine, Measurement};
+use crate::records::bench::{BenchReport, Machine, Measurement, TokenFloor};
 use crate::runner::{Compute, LoadedModel, RunPolicy, load_model, progress_bar, run_one, versions};
 
 /// Token counts of each measurement.
@@ -132,6 +133,7 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
         )?);
     }
     let main_model = lm.info.path.clone();
+    let weight_bytes = lm.model.weight_bytes_per_token() as u64;
     drop((lm, tokenized));
     for other in also_models {
         let lm = load_model(other, compute)?;
@@ -162,6 +164,19 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
             .find(|m| m.name == what)
             .and_then(|m| m.peak_rss_bytes)
     };
+    // Last, so its buffer is in no run's peak RSS; host memory bounds only a CPU's engines.
+    let token_floor = (compute.device.is_cpu()).then(|| {
+        let read_gb_per_s = read_bandwidth(BANDWIDTH_BUFFER, BANDWIDTH_PASSES);
+        let floor = read_gb_per_s * 1e9 / weight_bytes as f64;
+        TokenFloor {
+            read_gb_per_s,
+            buffer_bytes: BANDWIDTH_BUFFER as u64,
+            passes: BANDWIDTH_PASSES,
+            weight_bytes_per_token: weight_bytes,
+            floor_tokens_per_second: floor,
+            token_engine_share: tps("token engine") / floor,
+        }
+    });
     let report = BenchReport {
         name: name.to_string(),
         machine,
@@ -177,6 +192,7 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
         rss_ratio_long_over_short: rss("flat memory, long")
             .zip(rss("flat memory, short"))
             .map(|(l, s)| l as f64 / s as f64),
+        token_floor,
         measurements,
         versions: versions(),
         finished_at: crate::runner::now_rfc3339(),
@@ -190,6 +206,39 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
     std::fs::write(out_dir.join(format!("{name}.md")), markdown(&report))?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(report)
+}
+
+/// Bytes of each pass of [`read_bandwidth`]: far past any cache.
+const BANDWIDTH_BUFFER: usize = 1 << 30;
+const BANDWIDTH_PASSES: u32 = 5;
+
+/// The best read bandwidth, GB/s, of `passes` passes summing a buffer of `bytes` in parallel
+/// on the global rayon pool, the one the CPU kernels of the token engine use.
+fn read_bandwidth(bytes: usize, passes: u32) -> f64 {
+    let data = vec![1.0f32; bytes / 4];
+    let mut best = 0.0f64;
+    for _ in 0..passes {
+        let started = Instant::now();
+        let sum: f32 = data.par_chunks(1 << 16).map(sum_in_lanes).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(bytes as f64 / seconds / 1e9);
+    }
+    best
+}
+
+/// A sum over 16 independent lanes, which the compiler vectorizes: memory, not a chain of
+/// dependent adds, bounds it.
+fn sum_in_lanes(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
 }
 
 /// The corpus in `lm`'s tokens, up to `tokens` scored.
@@ -268,6 +317,18 @@ pub fn markdown(r: &BenchReport) -> String {
     );
     if let Some(ratio) = r.rss_ratio_long_over_short {
         s += &format!(" Peak RSS, long run over short run: {ratio:.3}.");
+    }
+    if let Some(f) = &r.token_floor {
+        s += &format!(
+            "\n\nMemory read bandwidth {:.1} GB/s ({} threads, best of {} passes summing {:.0} MiB); the weights one token reads are {:.0} MB, so no engine reading them all runs faster than **{:.1} tok/s**: the token engine runs at {:.0}% of that floor.",
+            f.read_gb_per_s,
+            r.threads,
+            f.passes,
+            f.buffer_bytes as f64 / (1 << 20) as f64,
+            f.weight_bytes_per_token as f64 / 1e6,
+            f.floor_tokens_per_second,
+            100.0 * f.token_engine_share
+        );
     }
     s + "\n"
 }

@@ -275,6 +275,18 @@ fn the_quick_bench_writes_its_report() {
             .unwrap()
             .contains("tokens/s")
     );
+    // The floor: SmolLM2's f32 weights (135M parameters, the embedding tied to the head) over
+    // a read bandwidth that no machine here has below 1 GB/s or above 1 TB/s.
+    let floor = &report["token_floor"];
+    let bytes = floor["weight_bytes_per_token"].as_u64().unwrap();
+    assert!((530_000_000..545_000_000).contains(&bytes), "{floor}");
+    let gbps = floor["read_gb_per_s"].as_f64().unwrap();
+    assert!((1.0..1000.0).contains(&gbps), "{floor}");
+    let tps = floor["floor_tokens_per_second"].as_f64().unwrap();
+    assert!(
+        (tps - gbps * 1e9 / bytes as f64).abs() < 1e-6 * tps,
+        "{floor}"
+    );
 }
 
 #[test]

@@ -259,6 +259,19 @@ impl Model {
         n
     }
 
+    /// Bytes of weights one token's forward pass and logits read: every parameter but the rows
+    /// of an untied input embedding (a token reads one of them), in the weights' dtype. Reading
+    /// them sets the token engine's floor on a machine of known memory bandwidth.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let tied = self.lm_head.weight().id() == self.embed.embeddings().id();
+        let lookup_only = if tied {
+            0
+        } else {
+            self.embed.embeddings().elem_count()
+        };
+        (self.parameter_count() - lookup_only) * self.dtype().size_in_bytes()
+    }
+
     /// How many slots each layer's cache needs at most when `extra` tokens are fed at a time:
     /// a layer with a window of its own sees the last `window` keys only, so `window + extra`
     /// (every slot, `None`, for the others, and for all under `--local-sinks`, whose windowed

@@ -39,8 +39,30 @@ pub struct BenchReport {
     pub block_speedup: f64,
     /// Peak RSS of the long flat-memory run over the short one.
     pub rss_ratio_long_over_short: Option<f64>,
+    /// The memory-bandwidth floor of the token engine (absent from reports of before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_floor: Option<TokenFloor>,
     pub versions: Versions,
     pub finished_at: String,
+}
+
+/// What one token's weights cost at the machine's memory bandwidth.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenFloor {
+    /// Read bandwidth, GB/s: the best of several passes summing a buffer far larger than the
+    /// caches, on the bench's threads.
+    #[serde(with = "float")]
+    pub read_gb_per_s: f64,
+    pub buffer_bytes: u64,
+    pub passes: u32,
+    /// Weight bytes one token reads (see `Model::weight_bytes_per_token`).
+    pub weight_bytes_per_token: u64,
+    /// read_gb_per_s / weight bytes: no engine that reads every weight per token runs faster.
+    #[serde(with = "float")]
+    pub floor_tokens_per_second: f64,
+    /// The token engine's tokens/s over the floor's.
+    #[serde(with = "float")]
+    pub token_engine_share: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

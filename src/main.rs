@@ -296,7 +296,7 @@ struct ComputeArgs {
     /// cpu, cuda or cuda:N (a GPU needs a binary built with the `cuda` feature) [default: cuda:0 when this build has CUDA and a GPU is visible, else cpu].
     #[arg(long)]
     device: Option<String>,
-    /// f32, bf16 or f16: the weights, activations and KV cache (the log-softmax of the NLL is always f32; the CPU computes in f32) [default: bf16 on a GPU, f32 on the CPU].
+    /// f32, bf16 or f16: on a GPU the weights, activations and KV cache; on the CPU, which computes in f32, the linear layers' weights (f32 or bf16: half the bytes a token reads). The log-softmax of the NLL is always f32 [default: bf16 on a GPU, f32 on the CPU].
     #[arg(long)]
     dtype: Option<String>,
 }
@@ -427,7 +427,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(cli) {
+    // On a worker of the pool the CPU kernels split their work over: their parallel loops
+    // then hand work to the other workers instead of parking this thread and waking it up
+    // again (121 times per token on the token engine).
+    match rayon::scope(|_| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of contexts, outermost first.

@@ -40,9 +40,10 @@ impl LoadedModel {
     /// The model as a run's fingerprint knows it: its checksum, and its dtype unless f32 (so a
     /// bf16 run never stands in for an f32 one, and f32 runs keep their fingerprints).
     pub fn identity(&self) -> String {
-        match self.model.dtype() {
-            DType::F32 => self.info.sha256.clone(),
-            dtype => format!("{} {}", self.info.sha256, dtype_name(dtype)),
+        // The dtype asked for, not the activations' (f32 on the CPU whatever the weights are).
+        match self.info.details.as_ref().map(|d| d.dtype.as_str()) {
+            None | Some("f32") => self.info.sha256.clone(),
+            Some(dtype) => format!("{} {dtype}", self.info.sha256),
         }
     }
 }
@@ -53,23 +54,28 @@ impl LoadedModel {
 pub fn load_model(spec: &Path, compute: &Compute) -> Result<LoadedModel> {
     let resolved = resolve_model(&spec.to_string_lossy(), &HubSettings::from_env())?;
     let Compute { device, dtype } = compute;
+    // The CPU computes in f32; there `--dtype bf16` stores the linear layers' weights in bf16.
+    let load_dtype = if device.is_cpu() { DType::F32 } else { *dtype };
     let weight_files: Vec<PathBuf> = match &resolved.files {
         ModelFiles::Gguf(path) => vec![path.clone()],
         ModelFiles::HuggingFace(files) => files.weights.clone(),
     };
     let (model, sha256) = match &resolved.files {
         ModelFiles::Gguf(path) => (
-            load_gguf(path, *dtype, device)
+            load_gguf(path, load_dtype, device)
                 .map(|g| g.model)
                 .map_err(anyhow::Error::from),
             sha256_file(path)?,
         ),
         ModelFiles::HuggingFace(files) => (
-            load_hf(&files.config, &files.weights, *dtype, device),
+            load_hf(&files.config, &files.weights, load_dtype, device),
             checkpoint_digest(files)?,
         ),
     };
-    let model = model.map_err(|e| too_large_or(e, spec, compute, &weight_files))?;
+    let mut model = model.map_err(|e| too_large_or(e, spec, compute, &weight_files))?;
+    if device.is_cpu() && *dtype != DType::F32 {
+        model.store_linear_weights(*dtype)?;
+    }
     let tokenizer = TextTokenizer::for_resolved(&resolved)?;
     tokenizer
         .check_vocab(model.dims.vocab_size)
@@ -173,10 +179,9 @@ impl Compute {
             None if device.is_cpu() => DType::F32,
             None => DType::BF16,
         };
-        if device.is_cpu() && dtype != DType::F32 {
+        if device.is_cpu() && dtype == DType::F16 {
             bail!(
-                "--dtype {}: the CPU engine computes in f32; use --dtype f32, or --device cuda",
-                dtype_name(dtype)
+                "--dtype f16: the CPU engine computes in f32 from f32 or bf16 weights; use --dtype f32 or bf16, or --device cuda"
             );
         }
         Ok(Compute { device, dtype })

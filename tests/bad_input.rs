@@ -398,8 +398,8 @@ const CASES: &[(&str, &str)] = &[
         "--device gpu: give cpu, cuda or cuda:N",
     ),
     (
-        "eval --model {tiny} --corpus {books} --strategy dense --dtype bf16",
-        "--dtype bf16: the CPU engine computes in f32; use --dtype f32, or --device cuda",
+        "eval --model {tiny} --corpus {books} --strategy dense --dtype f16",
+        "--dtype f16: the CPU engine computes in f32 from f32 or bf16 weights; use --dtype f32 or bf16, or --device cuda",
     ),
     (
         "eval --model {tiny} --corpus {books} --strategy dense --dtype fp8",

@@ -133,6 +133,9 @@ pub struct Model {
     blocks: Vec<Block>,
     final_norm: Norm,
     lm_head: Linear,
+    /// Whether the head is the input embedding (counted once; its weights may be stored apart
+    /// from the embedding's, see [`Model::store_linear_weights`]).
+    tied_head: bool,
     attention: Attention,
     /// Multiplies the embeddings on their way in, not the tied LM head (Gemma: sqrt(hidden)).
     embed_scale: Option<f64>,
@@ -140,6 +143,11 @@ pub struct Model {
     /// strategy's sinks (`--local-sinks`; 0: the model as trained).
     local_sinks: u64,
     device: Device,
+}
+
+/// Weights and bias of a linear layer.
+fn linear_parameters(l: &Linear) -> usize {
+    l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count())
 }
 
 /// One linear layer computing the given ones side by side (outputs concatenated).
@@ -176,6 +184,7 @@ impl Model {
         attention: Attention,
     ) -> Result<Self> {
         let device = embed.device().clone();
+        let tied_head = lm_head.is_none();
         let lm_head = Linear::new(lm_head.unwrap_or_else(|| embed.clone()), None);
         Ok(Model {
             embed: Embedding::new(embed, dims.hidden_size),
@@ -184,6 +193,7 @@ impl Model {
             blocks,
             final_norm,
             lm_head,
+            tied_head,
             attention,
             embed_scale: None,
             local_sinks: 0,
@@ -225,25 +235,27 @@ impl Model {
 
     /// Number of parameters, counting tied and fused matrices once.
     pub fn parameter_count(&self) -> usize {
-        let lin = |l: &Linear| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
+        let head = match self.tied_head {
+            true => 0,
+            false => linear_parameters(&self.lm_head),
+        };
+        let blocks: usize = (self.linears())
+            .take(4 * self.blocks.len())
+            .map(linear_parameters)
+            .sum();
+        self.embed.embeddings().elem_count() + head + blocks + self.norm_parameters()
+    }
+
+    /// Parameters of every norm: each block's and the final one.
+    fn norm_parameters(&self) -> usize {
         let norm = |n: &Norm| match n {
             Norm::Rms { weight, .. } => weight.elem_count(),
             Norm::Layer { weight, bias, .. } => weight.elem_count() + bias.elem_count(),
         };
-        let tied = self.lm_head.weight().id() == self.embed.embeddings().id();
-        let mut n = self.embed.embeddings().elem_count() + norm(&self.final_norm);
-        if !tied {
-            n += lin(&self.lm_head);
-        }
+        let mut n = norm(&self.final_norm);
         for b in &self.blocks {
-            n += norm(&b.attn_norm) + lin(&b.qkv) + lin(&b.out);
+            n += norm(&b.attn_norm);
             n += b.qk_norm.as_ref().map_or(0, |(q, k)| norm(q) + norm(k));
-            n += match &b.mlp {
-                Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => {
-                    lin(gate_up) + lin(down)
-                }
-                Mlp::Gelu { up, down, .. } => lin(up) + lin(down),
-            };
             n += match &b.residual {
                 Residual::Sequential { mlp_norm } | Residual::Parallel { mlp_norm } => {
                     norm(mlp_norm)
@@ -259,17 +271,53 @@ impl Model {
         n
     }
 
-    /// Bytes of weights one token's forward pass and logits read: every parameter but the rows
-    /// of an untied input embedding (a token reads one of them), in the weights' dtype. Reading
-    /// them sets the token engine's floor on a machine of known memory bandwidth.
+    /// Bytes of weights one token's forward pass and logits read, each tensor in its dtype:
+    /// every linear layer (the head included) and norm; not the input embedding, of which a
+    /// token reads one row (tied to the head, it is read whole as the head). Reading them sets
+    /// the token engine's floor on a machine of known memory bandwidth.
     pub fn weight_bytes_per_token(&self) -> usize {
-        let tied = self.lm_head.weight().id() == self.embed.embeddings().id();
-        let lookup_only = if tied {
-            0
-        } else {
-            self.embed.embeddings().elem_count()
-        };
-        (self.parameter_count() - lookup_only) * self.dtype().size_in_bytes()
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let linear: usize = (self.linears())
+            .map(|l| bytes(l.weight()) + l.bias().map_or(0, bytes))
+            .sum();
+        linear + self.norm_parameters() * self.dtype().size_in_bytes()
+    }
+
+    /// Every linear layer: each block's, then the head.
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                let (first, second) = match &b.mlp {
+                    Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => {
+                        (gate_up, down)
+                    }
+                    Mlp::Gelu { up, down, .. } => (up, down),
+                };
+                [&b.qkv, &b.out, first, second]
+            })
+            .chain([&self.lm_head])
+    }
+
+    /// Stores every linear layer's weights in `dtype` (the CPU's `--dtype bf16`: half the
+    /// bytes a token reads); embeddings, norms, activations and the cache stay as they are.
+    pub fn store_linear_weights(&mut self, dtype: DType) -> Result<()> {
+        self.lm_head = self.lm_head.with_weight_dtype(dtype)?;
+        for b in &mut self.blocks {
+            b.qkv = b.qkv.with_weight_dtype(dtype)?;
+            b.out = b.out.with_weight_dtype(dtype)?;
+            match &mut b.mlp {
+                Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => {
+                    *gate_up = gate_up.with_weight_dtype(dtype)?;
+                    *down = down.with_weight_dtype(dtype)?;
+                }
+                Mlp::Gelu { up, down, .. } => {
+                    *up = up.with_weight_dtype(dtype)?;
+                    *down = down.with_weight_dtype(dtype)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// How many slots each layer's cache needs at most when `extra` tokens are fed at a time:

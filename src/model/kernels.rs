@@ -9,7 +9,7 @@
 //! function is also compiled for AVX2+FMA (`simd_dispatch!`) and that copy runs when the CPU has
 //! them (the softmax and SiLU took half the time).
 
-use candle_core::{Device, Result, Shape, Storage, Tensor};
+use candle_core::{DType, Device, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::rope::PairLayout;
@@ -113,6 +113,14 @@ fn lane_max(xs: &[f32]) -> f32 {
 
 /// Calls `f` with the f32 contents of contiguous CPU tensors.
 fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    with_typed_slices(ts, f)
+}
+
+/// Calls `f` with the contents of contiguous CPU tensors of element type `T`.
+fn with_typed_slices<T: candle_core::WithDType, R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> Result<R> {
     let ts = ts
         .iter()
         .map(|t| t.contiguous())
@@ -128,7 +136,7 @@ fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
             let (start, end) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
-            Ok(&cpu.as_slice::<f32>()?[start..end])
+            Ok(&cpu.as_slice::<T>()?[start..end])
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(f(&slices))
@@ -374,26 +382,17 @@ pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) 
     if wk != k {
         candle_core::bail!("x is ({t}, {k}) but the weight is ({n}, {wk})")
     }
-    // Enough weight rows per rayon task (about 256 KiB of them) to amortize the scheduling.
-    let cols_per_task = (65_536 / k.max(1)).max(1);
-    let mut out_t = vec![0f32; n * t]; // (n, t): each task writes whole rows
-    let inputs: Vec<&Tensor> = [x, w].into_iter().chain(bias).collect();
-    with_slices(&inputs, |ins| {
-        let (x, w, bias) = (ins[0], ins[1], ins.get(2));
-        out_t
-            .par_chunks_mut(t * cols_per_task)
-            .enumerate()
-            .for_each(|(task, dst)| {
-                let first = task * cols_per_task;
-                let cols = dst.len() / t;
-                dot_rows(dst, &w[first * k..(first + cols) * k], x, k);
-                if let Some(b) = bias {
-                    for (col, d) in dst.chunks_mut(t).enumerate() {
-                        d.iter_mut().for_each(|v| *v += b[first + col]);
-                    }
-                }
-            });
-    })?;
+    let inputs: Vec<&Tensor> = [x].into_iter().chain(bias).collect();
+    let out_t = with_slices(&inputs, |ins| {
+        let (x, bias) = (ins[0], ins.get(1).copied());
+        match w.dtype() {
+            // Half the bytes of f32, widened exactly as they are read.
+            DType::BF16 => with_typed_slices(&[w], |ws| {
+                times_weight_rows(x, ws[0], bias, k, dot_rows_bf16)
+            }),
+            _ => with_slices(&[w], |ws| times_weight_rows(x, ws[0], bias, k, dot_rows)),
+        }
+    })??;
     let out = Tensor::from_vec(out_t, (n, t), &Device::Cpu)?;
     if t == 1 {
         out.reshape((1, n))
@@ -402,11 +401,61 @@ pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) 
     }
 }
 
+/// `(n, t)`: each row of `w` (`k` wide) dotted with the `t` rows of `x`, plus its bias, the
+/// weight rows split over rayon's pool.
+fn times_weight_rows<W: Sync>(
+    x: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    k: usize,
+    dot: fn(&mut [f32], &[W], &[f32], usize),
+) -> Vec<f32> {
+    let (t, n) = (x.len() / k, w.len() / k);
+    // Enough weight rows per rayon task (about 256 KiB of f32) to amortize the scheduling.
+    let cols_per_task = (65_536 / k.max(1)).max(1);
+    let mut out_t = vec![0f32; n * t]; // (n, t): each task writes whole rows
+    out_t
+        .par_chunks_mut(t * cols_per_task)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            let first = task * cols_per_task;
+            let cols = dst.len() / t;
+            dot(dst, &w[first * k..(first + cols) * k], x, k);
+            if let Some(b) = bias {
+                for (col, d) in dst.chunks_mut(t).enumerate() {
+                    d.iter_mut().for_each(|v| *v += b[first + col]);
+                }
+            }
+        });
+    out_t
+}
+
+/// A weight element the matrix-vector kernel reads: f32, or bf16 widened as it is read.
+pub trait WeightElement: Copy {
+    fn widen(self) -> f32;
+}
+
+impl WeightElement for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElement for half::bf16 {
+    /// Exact: a bf16 is the upper half of an f32 (a shift the compiler vectorizes).
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 simd_dispatch!(fn dot_rows(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) = dot_rows_generic);
+simd_dispatch!(fn dot_rows_bf16(dst: &mut [f32], w: &[half::bf16], x: &[f32], k: usize) = dot_rows_generic);
 
 /// `dst[c * t + r] = w row c . x row r` for the weight rows in `w` and the `t` rows of `x`.
 #[inline(always)]
-fn dot_rows_generic(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) {
+fn dot_rows_generic<W: WeightElement>(dst: &mut [f32], w: &[W], x: &[f32], k: usize) {
     let t = x.len() / k;
     for (w_row, d) in w.chunks_exact(k).zip(dst.chunks_exact_mut(t)) {
         for (x_row, v) in x.chunks_exact(k).zip(d) {
@@ -417,18 +466,18 @@ fn dot_rows_generic(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) {
 
 /// Dot product with sixteen independent lanes (vectorizes like [`lane_sum`]).
 #[inline(always)]
-fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+fn lane_dot<W: WeightElement>(a: &[W], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x.widen() * y)
         .sum();
     for (xa, xb) in ca.zip(cb) {
         for ((s, x), y) in acc.iter_mut().zip(xa).zip(xb) {
-            *s += x * y;
+            *s += x.widen() * y;
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -791,6 +840,12 @@ mod tests {
                 max_abs_diff(&got, &want) < 1e-4,
                 "({t}, {n}, {k}) with bias"
             );
+            // bf16 weights, widened as read: the product of the rounded weights in f32.
+            let w16 = w.to_dtype(DType::BF16).unwrap();
+            let widened = w16.to_dtype(DType::F32).unwrap();
+            let want = x.matmul(&widened.t().unwrap()).unwrap();
+            let got = few_rows_times_transposed(&x, &w16, None).unwrap();
+            assert!(max_abs_diff(&got, &want) < 1e-4, "({t}, {n}, {k}) bf16");
         }
     }
 

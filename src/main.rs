@@ -427,9 +427,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // On a worker of the pool the CPU kernels split their work over: their parallel loops
-    // then hand work to the other workers instead of parking this thread and waking it up
-    // again (121 times per token on the token engine).
+    // The command runs on a worker of the pool the CPU kernels split their work over: their
+    // parallel loops then hand work to the other workers instead of parking this thread and
+    // waking it up again (121 times per token on the token engine). Workers get the main
+    // thread's stack size, not rayon's 2 MiB default.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+    if let Err(e) = pool {
+        eprintln!("warning: the thread pool keeps its defaults ({e})");
+    }
     match rayon::scope(|_| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

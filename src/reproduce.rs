@@ -351,7 +351,8 @@ fn chat_dir_name(chat: &GenerateJob) -> String {
 }
 
 /// Generates the chat experiment's conversations for which `mine(run folder)` holds, skipping
-/// those already finished with the same settings (an interrupted one starts again).
+/// those already finished with the same settings (an interrupted one resumes from its
+/// checkpoint).
 fn run_chats(
     lm: &LoadedModel,
     exp: &Experiment,

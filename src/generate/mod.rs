@@ -155,11 +155,7 @@ fn converse(
         done_turns = conversation.restore(restored)?;
     }
     let started = Instant::now();
-    let mut jsonl = std::fs::File::create(dir.join("generation.jsonl"))
-        .with_context(|| format!("{}: cannot create generation.jsonl", dir.display()))?;
-    for turn in &done_turns {
-        writeln!(jsonl, "{}", serde_json::to_string(turn)?)?;
-    }
+    let mut jsonl = start_turns_file(&dir, &done_turns)?;
     // Without the conversation on stdout, a bar shows the progress (by turn).
     let bar = match job.echo {
         true => ProgressBar::hidden(),
@@ -192,6 +188,26 @@ fn converse(
         c.clear()?;
     }
     Ok(record)
+}
+
+/// `generation.jsonl` holding `turns` (those a checkpoint restored, or none), open for more.
+/// Written aside and renamed in: a kill meanwhile leaves the file the checkpoint covers.
+fn start_turns_file(dir: &std::path::Path, turns: &[TurnRecord]) -> Result<std::fs::File> {
+    let (path, tmp) = (
+        dir.join("generation.jsonl"),
+        dir.join("generation.jsonl.tmp"),
+    );
+    let mut text = String::new();
+    for turn in turns {
+        text += &serde_json::to_string(turn)?;
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot replace", path.display()))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot open", path.display()))
 }
 
 /// The settings a chat's checkpoint belongs to: everything that decides its tokens but how

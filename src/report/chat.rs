@@ -33,16 +33,21 @@ pub struct ChatRun {
     pub record: GenerationRecord,
     pub log: GenerationLog,
     pub turns: Vec<TurnRecord>,
+    /// Of `log` and `turns`, once (`None` under 10 tokens).
+    pub health: Option<Health>,
 }
 
 impl ChatRun {
     /// Reads `dir`'s `run.json`, `generation.parquet` and `generation.jsonl`.
     pub fn load(id: &str, dir: &Path) -> Result<Self> {
+        let log = GenerationLog::read_parquet(&dir.join("generation.parquet"))?;
+        let turns = TurnRecord::read_jsonl(&dir.join("generation.jsonl"))?;
         Ok(ChatRun {
             id: id.to_string(),
             record: GenerationRecord::read_json(&dir.join("run.json"))?,
-            log: GenerationLog::read_parquet(&dir.join("generation.parquet"))?,
-            turns: TurnRecord::read_jsonl(&dir.join("generation.jsonl"))?,
+            health: Health::of(&log, &turns),
+            log,
+            turns,
         })
     }
 }
@@ -155,7 +160,7 @@ pub fn health_table(runs: &[ChatRun]) -> String {
             r.turns,
             r.tokens_per_second
         );
-        let Some(h) = Health::of(&run.log, &run.turns) else {
+        let Some(h) = &run.health else {
             md.push_str(" - | - | - | - | too few tokens |\n");
             continue;
         };
@@ -195,7 +200,7 @@ pub fn health_reading(runs: &[ChatRun]) -> String {
         100.0 * DEGENERATE_REPEATS
     );
     for run in runs {
-        let Some(h) = Health::of(&run.log, &run.turns) else {
+        let Some(h) = &run.health else {
             continue;
         };
         let verdict = match h.breaks().as_slice() {

@@ -456,9 +456,7 @@ pub fn write_pg19_parquet(books: &[Book], path: &Path) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| fail(one_line(e)))?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = crate::records::temp_beside(path);
     let written =
         write_batches(books, &tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(one_line));
     written.map_err(|message| {
@@ -667,7 +665,12 @@ mod tests {
         ];
         write_pg19_parquet(&books, &path).unwrap();
         assert_eq!(load_corpus(&path).unwrap(), books);
-        assert!(!dir.join("nested/test.parquet.tmp").exists());
+        let left: Vec<_> = std::fs::read_dir(dir.join("nested")).unwrap().collect();
+        assert_eq!(
+            left.len(),
+            1,
+            "only test.parquet, no temporary file: {left:?}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

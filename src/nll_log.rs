@@ -49,7 +49,7 @@ fn schema() -> Arc<Schema> {
 /// Writes `batch` as a parquet file atomically (a temporary file, then a rename), so a crash
 /// never leaves half a file; every per-token log goes through it.
 pub(crate) fn write_parquet_atomically(batch: &RecordBatch, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("parquet.tmp");
+    let tmp = crate::records::temp_beside(path);
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
     writer.write(batch)?;

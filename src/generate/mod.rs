@@ -193,17 +193,13 @@ fn converse(
 /// `generation.jsonl` holding `turns` (those a checkpoint restored, or none), open for more.
 /// Written aside and renamed in: a kill meanwhile leaves the file the checkpoint covers.
 fn start_turns_file(dir: &std::path::Path, turns: &[TurnRecord]) -> Result<std::fs::File> {
-    let (path, tmp) = (
-        dir.join("generation.jsonl"),
-        dir.join("generation.jsonl.tmp"),
-    );
+    let path = dir.join("generation.jsonl");
     let mut text = String::new();
     for turn in turns {
         text += &serde_json::to_string(turn)?;
         text.push('\n');
     }
-    std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot replace", path.display()))?;
+    crate::records::write_atomically(&path, text.as_bytes())?;
     std::fs::OpenOptions::new()
         .append(true)
         .open(&path)

@@ -21,7 +21,7 @@ pub fn write_csv(samples: &[MemorySample], path: &Path) -> Result<()> {
     for s in samples {
         text.push_str(&format!("{:.3},{},{:.1}\n", s.seconds, s.tokens, s.rss_mib));
     }
-    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
+    super::write_atomically(path, text.as_bytes())
 }
 
 pub fn read_csv(path: &Path) -> Result<Vec<MemorySample>> {

@@ -27,19 +27,37 @@ pub mod memory;
 pub mod run;
 pub mod sweep;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Writes `value` as pretty JSON, atomically (a temporary file, then a rename), so a crash
-/// never leaves half a record.
+/// Writes `value` as pretty JSON, atomically (see [`write_atomically`]).
 pub fn write_json<T: Serialize>(value: &T, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    write_atomically(
+        path,
+        (serde_json::to_string_pretty(value)? + "\n").as_bytes(),
+    )
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it in: a crash never leaves
+/// half a file, and two processes writing the same file (two runs of one sweep) each rename a
+/// whole file of their own.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// A temporary name beside `path` that no other process or thread uses (pid and a counter),
+/// ending in `path`'s own name so that writers which go by the extension (PNG) still work.
+pub fn temp_beside(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".tmp-{}-{n}-{name}", std::process::id()))
 }
 
 /// Reads a JSON record; `what` names it in errors, e.g. "experiment record".

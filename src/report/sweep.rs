@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::{HeatmapCell, plot_heatmap};
 use crate::records::run::RunRecord;
@@ -53,7 +53,7 @@ pub fn render_sweep(dir: &Path) -> Result<PathBuf> {
     }
     md.push_str("\n![heatmap](heatmap.png)\n");
     let grid = dir.join("grid.md");
-    std::fs::write(&grid, md).with_context(|| format!("{}: cannot write", grid.display()))?;
+    crate::records::write_atomically(&grid, md.as_bytes())?;
     plot_heatmap(
         &cells,
         &dir.join("heatmap.png"),

@@ -341,6 +341,8 @@ impl Attention {
                 mask,
             });
         }
+        // The cache's views, copied out once for the batched ops.
+        let (k, v) = (&k.contiguous()?, &v.contiguous()?);
         let k = rotate(k, k_table.as_ref())?;
         if let Some(out) = self.fused(&q_main, sink_queries, &k, v, mask, rope.is_some())? {
             return Ok(out);

@@ -142,6 +142,26 @@ fn with_typed_slices<T: candle_core::WithDType, R>(
     Ok(f(&slices))
 }
 
+/// Calls `f` with the elements of a (heads, rows, hd) CPU f32 tensor from its first one, and
+/// the distance between its heads: the first rows of a KV cache (rows contiguous within each
+/// head) are read in place. Copying them out was most of a dense one-token step past a few
+/// thousand keys (the whole cache, every layer, every token).
+fn with_head_rows<R>(t: &Tensor, f: impl FnOnce(&[f32], usize) -> R) -> Result<R> {
+    let (_, rows, hd) = t.dims3()?;
+    let stride = t.stride();
+    if stride[2] != 1 || (stride[1] != hd && rows > 1) {
+        return with_head_rows(&t.contiguous()?, f);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("CPU kernel called on a {:?} tensor", t.device())
+    };
+    Ok(f(
+        &cpu.as_slice::<f32>()?[layout.start_offset()..],
+        stride[0],
+    ))
+}
+
 /// A new f32 tensor of `shape`, filled row by row (rows of `row_len` values) in parallel:
 /// `fill(r, inputs, row)` gets the row index and the contents of `inputs`.
 fn fill_rows(
@@ -368,6 +388,46 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     })
 }
 
+/// While alive, the pool's other workers spin and take work the moment it is queued, instead
+/// of falling asleep in the serial gaps between the ~150 parallel loops of a one-token step
+/// and being woken by a futex for each (on this 2-core VM: 12% of a step's samples in the
+/// scheduler, and the wake latency besides). Started once per step; does nothing when the
+/// pool has one thread or more threads than the machine has cores (spinners would take the
+/// cores the real work needs).
+pub struct HotPool {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HotPool {
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = rayon::current_num_threads();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads > 1 && threads <= cores {
+            let (flag, caller) = (done.clone(), rayon::current_thread_index());
+            rayon::spawn_broadcast(move |ctx| {
+                // The caller's own copy returns at once: spinning there would wait on itself.
+                if Some(ctx.index()) == caller {
+                    return;
+                }
+                while !flag.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        Self { done }
+    }
+}
+
+impl Drop for HotPool {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Rows of `x` at most this many go through [`few_rows_times_transposed`]: its weight rows are
 /// read once for all of them, so it stays memory-bound (and ahead of gemm) while they fit in L1.
 pub const FEW_ROWS: usize = 8;
@@ -514,42 +574,45 @@ pub fn few_query_attention(a: &FewQueries<'_>) -> Result<Tensor> {
     let (nh, t, hd) = a.q.dims3()?;
     let (nkv, n_keys, _) = a.k.dims3()?;
     let n_sink = a.q_sink.map_or(0, |(n, _)| n);
-    let mut inputs = vec![a.q, a.k, a.v, a.q_sink.map_or(a.q, |(_, q)| q)];
-    if let Some((cos, sin, _)) = a.k_rope {
+    let mut inputs = vec![a.q, a.q_sink.map_or(a.q, |(_, q)| q)];
+    if let Some((cos, sin)) = a.k_rope.map(|(cos, sin, _)| (cos, sin)) {
         inputs.extend([cos, sin]);
     }
     inputs.extend(a.mask);
     let blocks = n_keys.div_ceil(KEYS_PER_TASK);
-    let partials: Vec<Partial> = with_slices(&inputs, |s| {
-        let rope = a.k_rope.map(|(cos, _, layout)| {
-            let half = cos.dims2().map_or(0, |(_, h)| h);
-            (s[4], s[5], half, layout)
-        });
-        let mask = a.mask.map(|_| s[s.len() - 1]);
-        let group_len = nh / nkv * t * hd; // the query rows of one KV head
-        (0..nkv * blocks)
-            .into_par_iter()
-            .map(|task| {
-                let (g, first) = (task / blocks, task % blocks * KEYS_PER_TASK);
-                let keys = first..(first + KEYS_PER_TASK).min(n_keys);
-                let kv = g * n_keys * hd..(g + 1) * n_keys * hd;
-                let queries = g * group_len..(g + 1) * group_len;
-                attend_block(&KeyBlock {
-                    q: &s[0][queries.clone()],
-                    q_sink: &s[3][queries],
-                    n_sink,
-                    k: &s[1][kv.clone()],
-                    v: &s[2][kv],
-                    rope,
-                    mask,
-                    n_keys,
-                    t,
-                    hd,
-                    keys,
-                })
+    let partials: Vec<Partial> = with_head_rows(a.k, |k, k_stride| {
+        with_head_rows(a.v, |v, v_stride| {
+            with_slices(&inputs, |s| {
+                let rope = a.k_rope.map(|(cos, _, layout)| {
+                    let half = cos.dims2().map_or(0, |(_, h)| h);
+                    (s[2], s[3], half, layout)
+                });
+                let mask = a.mask.map(|_| s[s.len() - 1]);
+                let group_len = nh / nkv * t * hd; // the query rows of one KV head
+                (0..nkv * blocks)
+                    .into_par_iter()
+                    .map(|task| {
+                        let (g, first) = (task / blocks, task % blocks * KEYS_PER_TASK);
+                        let keys = first..(first + KEYS_PER_TASK).min(n_keys);
+                        let queries = g * group_len..(g + 1) * group_len;
+                        attend_block(&KeyBlock {
+                            q: &s[0][queries.clone()],
+                            q_sink: &s[1][queries],
+                            n_sink,
+                            k: &k[g * k_stride..][..n_keys * hd],
+                            v: &v[g * v_stride..][..n_keys * hd],
+                            rope,
+                            mask,
+                            n_keys,
+                            t,
+                            hd,
+                            keys,
+                        })
+                    })
+                    .collect()
             })
-            .collect()
-    })?;
+        })
+    })???;
     let mut out = vec![0f32; t * nh * hd];
     for (g, blocks) in partials.chunks(blocks).enumerate() {
         for (r, row) in blocks[0].acc.chunks(hd).enumerate() {
@@ -931,5 +994,41 @@ mod tests {
                 "t={t} {layout:?} sinks {sinks:?} masked {masked}: {diff}"
             );
         }
+    }
+
+    /// A cache's first rows, read in place (a view with free slots after them, heads apart by
+    /// the whole capacity), give exactly the result of the same keys copied out.
+    #[test]
+    fn few_query_attention_reads_a_cache_view_in_place() {
+        let dev = Device::Cpu;
+        let (nh, nkv, hd, n, cap) = (6, 3, 16, 300, 512);
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (q, k_cache, v_cache) = (
+            rand(&[nh, 1, hd]),
+            rand(&[nkv, cap, hd]),
+            rand(&[nkv, cap, hd]),
+        );
+        let (k, v) = (
+            k_cache.narrow(1, 0, n).unwrap(),
+            v_cache.narrow(1, 0, n).unwrap(),
+        );
+        assert!(!k.is_contiguous());
+        let angles = rand(&[n, hd / 2]);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let attend = |k: &Tensor, v: &Tensor| {
+            few_query_attention(&FewQueries {
+                q: &q,
+                q_sink: None,
+                k,
+                k_rope: Some((&cos, &sin, PairLayout::HalfSplit)),
+                v,
+                mask: None,
+            })
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+        };
+        let copied = (k.contiguous().unwrap(), v.contiguous().unwrap());
+        assert_eq!(attend(&k, &v), attend(&copied.0, &copied.1));
     }
 }

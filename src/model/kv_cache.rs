@@ -168,17 +168,12 @@ impl KvCache {
     }
 
     /// Keys and values of the slots `start(layer)..n` that layer `layer` stores, each
-    /// (n_kv_head, n - start, head_dim), contiguous.
+    /// (n_kv_head, n - start, head_dim): views of the cache, not copies (not contiguous while
+    /// the cache has free slots and more than one KV head).
     pub fn read(&self, layer: usize, n: usize) -> Result<(Tensor, Tensor)> {
         let l = &self.layers[layer];
         let rows = n - l.start;
-        if rows == l.stored_capacity()? {
-            return Ok((l.k.clone(), l.v.clone()));
-        }
-        Ok((
-            l.k.narrow(1, 0, rows)?.contiguous()?,
-            l.v.narrow(1, 0, rows)?.contiguous()?,
-        ))
+        Ok((l.k.narrow(1, 0, rows)?, l.v.narrow(1, 0, rows)?))
     }
 }
 

@@ -134,6 +134,8 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
     }
     let main_model = lm.info.path.clone();
     let weight_bytes = lm.model.weight_bytes_per_token() as u64;
+    // The token engine's sink:4+1020 cache holds S + W + 1 slots once full.
+    let kv_bytes = (lm.model.kv_bytes_per_slot() * 1025) as u64;
     drop((lm, tokenized));
     for other in also_models {
         let lm = load_model(other, compute)?;
@@ -175,6 +177,9 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
             weight_bytes_per_token: weight_bytes,
             floor_tokens_per_second: floor,
             token_engine_share: tps("token engine") / floor,
+            kv_bytes_per_token: kv_bytes,
+            floor_with_cache_tokens_per_second: read_gb_per_s * 1e9
+                / (weight_bytes + kv_bytes) as f64,
         }
     });
     let report = BenchReport {
@@ -329,6 +334,15 @@ pub fn markdown(r: &BenchReport) -> String {
             f.floor_tokens_per_second,
             100.0 * f.token_engine_share
         );
+        if f.kv_bytes_per_token > 0 {
+            s += &format!(
+                " With the {:.0} MB of keys and values a step reads over its full cache, the floor is {:.1} tok/s, and the token engine runs at {:.0}% of it.",
+                f.kv_bytes_per_token as f64 / 1e6,
+                f.floor_with_cache_tokens_per_second,
+                100.0 * f.token_engine_share * f.floor_tokens_per_second
+                    / f.floor_with_cache_tokens_per_second
+            );
+        }
     }
     s + "\n"
 }

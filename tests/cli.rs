@@ -287,6 +287,16 @@ fn the_quick_bench_writes_its_report() {
         (tps - gbps * 1e9 / bytes as f64).abs() < 1e-6 * tps,
         "{floor}"
     );
+    // Over a full sink:4+1020 cache: 1025 slots x 30 layers x K and V x 3 KV heads x 64 x f32.
+    let kv = floor["kv_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(kv, 1025 * 30 * 2 * 3 * 64 * 4, "{floor}");
+    let with_cache = floor["floor_with_cache_tokens_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (with_cache - gbps * 1e9 / (bytes + kv) as f64).abs() < 1e-6 * with_cache,
+        "{floor}"
+    );
 }
 
 #[test]

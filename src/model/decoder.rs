@@ -340,6 +340,13 @@ impl Model {
         self.blocks.iter().map(|b| b.window).collect()
     }
 
+    /// Bytes one cached token's keys and values take, over all layers: a one-token step over
+    /// a full cache of C slots reads C times this besides the weights.
+    pub fn kv_bytes_per_slot(&self) -> usize {
+        let d = &self.dims;
+        2 * d.n_layer * d.n_kv_head * d.head_dim * self.dtype().size_in_bytes()
+    }
+
     /// A KV cache shaped for this model, in its dtype.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let d = &self.dims;

@@ -63,6 +63,13 @@ pub struct TokenFloor {
     /// The token engine's tokens/s over the floor's.
     #[serde(with = "float")]
     pub token_engine_share: f64,
+    /// Bytes of keys and values one step reads besides, over the token engine's full
+    /// `sink:4+1020` cache (1025 slots); 0 in benches from before it was recorded.
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
+    /// read_gb_per_s / (weight + KV bytes): the floor of a step over that cache.
+    #[serde(default, with = "float")]
+    pub floor_with_cache_tokens_per_second: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -394,9 +394,19 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 /// scheduler, and the wake latency besides). Started once per step; does nothing when the
 /// pool has one thread or more threads than the machine has cores (spinners would take the
 /// cores the real work needs).
+///
+/// A spinner also stops after [`HOT_POOL_MAX_IDLE`] without work. Rayon may run it on a worker
+/// that is itself waiting inside a job's `join` (a job it stole from this step): spinning
+/// there until the step ends would deadlock (the step waits for that job, the job waits for
+/// the spinner to return). Returning when idle lets the job finish; the cost is that idle
+/// stretch, rarely.
 pub struct HotPool {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Longer than any serial stretch of a one-token step (tens of microseconds), far shorter
+/// than the step.
+const HOT_POOL_MAX_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl HotPool {
     pub fn start() -> Self {
@@ -411,8 +421,13 @@ impl HotPool {
                 if Some(ctx.index()) == caller {
                     return;
                 }
+                let mut last_work = std::time::Instant::now();
                 while !flag.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        last_work = std::time::Instant::now();
+                    } else if last_work.elapsed() > HOT_POOL_MAX_IDLE {
+                        return;
+                    } else {
                         std::hint::spin_loop();
                     }
                 }

@@ -24,8 +24,27 @@ pub const RSS_GROWTH_LIMIT: f64 = 0.05;
 pub const LATENCY_GROWTH_LIMIT: f64 = 0.10;
 /// A turn is degenerate when at least this share of its answer's 4-grams repeat earlier ones.
 pub const DEGENERATE_REPEATS: f64 = 0.5;
-/// ... and the output breaks when at least this share of the last quarter's turns are.
+/// ... and the output breaks when at least this share of the last quarter's turns are, and
+/// that share is above the first quarter's beyond chance: a one-sided Fisher exact test of the
+/// two quarters' counts below this p-value. A small model loops often from its first answers
+/// on (SmolLM2: a third of them), and a quarter of 8,192 tokens holds about ten answers, so a
+/// share alone moves by chance (StreamingLLM's quarters over one run: 0.38, 0.36, 0.07, 0.62).
 pub const DEGENERATE_TURNS_LIMIT: f64 = 0.5;
+pub const OUTPUT_CHANGE_P: f64 = 0.05;
+
+/// Degenerate turns among the turns of a stretch of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TurnCount {
+    pub degenerate: usize,
+    pub turns: usize,
+}
+
+impl TurnCount {
+    /// `None` when no turn was counted.
+    pub fn share(&self) -> Option<f64> {
+        (self.turns > 0).then(|| self.degenerate as f64 / self.turns as f64)
+    }
+}
 
 /// One generation run as written: its record, per-token log and turns.
 pub struct ChatRun {
@@ -62,9 +81,9 @@ pub struct Health {
     /// Median per-token latency (s) of tokens n/100 .. n/100 + n/10, and of the last n/10.
     pub early_latency_s: f64,
     pub late_latency_s: f64,
-    /// Share of degenerate turns among those starting in each quarter of the tokens (`None`:
-    /// no turn of at least 5 tokens starts there).
-    pub degenerate_by_quarter: [Option<f64>; 4],
+    /// Degenerate turns among those starting in each quarter of the tokens (turns of fewer
+    /// than 5 tokens have no 4-gram share and are not counted).
+    pub degenerate_by_quarter: [TurnCount; 4],
     /// exp(mean self-NLL) of each quarter's tokens.
     pub self_ppl_by_quarter: [f64; 4],
 }
@@ -107,9 +126,19 @@ impl Health {
         self.late_latency_s / self.early_latency_s
     }
 
+    /// The one-sided Fisher exact p-value of the last quarter's degenerate share being above
+    /// the first quarter's; `None` when either quarter has no counted turn.
+    pub fn output_change_p(&self) -> Option<f64> {
+        let (first, last) = (self.degenerate_by_quarter[0], self.degenerate_by_quarter[3]);
+        (first.turns > 0 && last.turns > 0).then(|| fisher_greater(first, last))
+    }
+
     /// What broke: `memory`, `latency`, `output` (see the limits above); empty when it held.
     pub fn breaks(&self) -> Vec<&'static str> {
-        let output = self.degenerate_by_quarter[3].is_some_and(|s| s >= DEGENERATE_TURNS_LIMIT);
+        let output = self.degenerate_by_quarter[3]
+            .share()
+            .is_some_and(|s| s >= DEGENERATE_TURNS_LIMIT)
+            && self.output_change_p().is_some_and(|p| p < OUTPUT_CHANGE_P);
         [
             (self.rss_growth() > RSS_GROWTH_LIMIT, "memory"),
             (self.latency_ratio() > 1.0 + LATENCY_GROWTH_LIMIT, "latency"),
@@ -123,18 +152,36 @@ impl Health {
 
 /// The share of degenerate turns by the quarter of the run's `n` tokens where each turn's
 /// answer starts (turns are in order; their answers tile the generated tokens).
-fn degenerate_by_quarter(turns: &[TurnRecord], n: usize) -> [Option<f64>; 4] {
-    let mut counts = [(0usize, 0usize); 4];
+fn degenerate_by_quarter(turns: &[TurnRecord], n: usize) -> [TurnCount; 4] {
+    let mut counts = [TurnCount::default(); 4];
     let mut start = 0usize;
     for turn in turns {
         let quarter = (start * 4 / n).min(3);
         start += turn.answer_tokens as usize;
         if let Some(repeats) = turn.repeated_4grams {
-            counts[quarter].0 += (repeats >= DEGENERATE_REPEATS) as usize;
-            counts[quarter].1 += 1;
+            counts[quarter].degenerate += (repeats >= DEGENERATE_REPEATS) as usize;
+            counts[quarter].turns += 1;
         }
     }
-    counts.map(|(bad, all)| (all > 0).then(|| bad as f64 / all as f64))
+    counts
+}
+
+/// P(X >= late.degenerate) for X hypergeometric: the late turns drawn from both stretches'
+/// turns with their degenerate ones (one-sided Fisher exact test: the late share is higher).
+fn fisher_greater(early: TurnCount, late: TurnCount) -> f64 {
+    let (all, bad) = (early.turns + late.turns, early.degenerate + late.degenerate);
+    let ln_draws = ln_choose(all, late.turns);
+    (late.degenerate..=bad.min(late.turns))
+        .filter(|&x| late.turns - x <= all - bad)
+        .map(|x| (ln_choose(bad, x) + ln_choose(all - bad, late.turns - x) - ln_draws).exp())
+        .sum::<f64>()
+        .min(1.0)
+}
+
+/// ln C(n, k), as a sum of k logarithms (a run has at most a few thousand turns).
+fn ln_choose(n: usize, k: usize) -> f64 {
+    let k = k.min(n - k);
+    (1..=k).map(|i| ((n - k + i) as f64 / i as f64).ln()).sum()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -146,7 +193,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// and what broke.
 pub fn health_table(runs: &[ChatRun]) -> String {
     let mut md = String::from(
-        "| run | strategy | tokens | turns | tok/s | RSS at n/10 → peak (MiB) | median latency early → last tenth (ms) | degenerate turns by quarter | self-PPL by quarter | breaks |\n\
+        "| run | strategy | tokens | turns | tok/s | RSS at n/10 → peak (MiB) | median latency early → last tenth (ms) | degenerate turns by quarter (p: last above first) | self-PPL by quarter | breaks |\n\
          |---|---|---:|---:|---:|---|---|---|---|---|\n",
     );
     for run in runs {
@@ -164,21 +211,24 @@ pub fn health_table(runs: &[ChatRun]) -> String {
             md.push_str(" - | - | - | - | too few tokens |\n");
             continue;
         };
-        let shares = h
+        let counts = h
             .degenerate_by_quarter
-            .map(|s| s.map_or("-".into(), |s| format!("{s:.2}")));
+            .map(|c| format!("{}/{}", c.degenerate, c.turns));
+        let p = h
+            .output_change_p()
+            .map_or("-".into(), |p| format!("{p:.3}"));
         let ppls = h.self_ppl_by_quarter.map(|p| format!("{p:.2}"));
         let breaks = h.breaks();
         let _ = writeln!(
             md,
-            " {:.0} → {:.0} ({:+.1}%) | {:.1} → {:.1} (×{:.2}) | {} | {} | {} |",
+            " {:.0} → {:.0} ({:+.1}%) | {:.1} → {:.1} (×{:.2}) | {} (p {p}) | {} | {} |",
             h.rss_at_tenth_mib,
             h.peak_rss_mib,
             100.0 * h.rss_growth(),
             1e3 * h.early_latency_s,
             1e3 * h.late_latency_s,
             h.latency_ratio(),
-            shares.join(" / "),
+            counts.join(" / "),
             ppls.join(" / "),
             if breaks.is_empty() {
                 "holds".to_string()
@@ -193,11 +243,12 @@ pub fn health_table(runs: &[ChatRun]) -> String {
 /// A sentence per run: what broke and by how much, against the limits.
 pub fn health_reading(runs: &[ChatRun]) -> String {
     let mut text = format!(
-        "A run breaks by memory past +{:.0}% resident memory after its first tenth, by latency past ×{:.2} median latency (last tenth against tokens n/100..n/100+n/10), and by output when at least {:.0}% of its last quarter's answers are degenerate (at least {:.0}% of their 4-grams repeat).",
+        "A run breaks by memory past +{:.0}% resident memory after its first tenth, by latency past ×{:.2} median latency (last tenth against tokens n/100..n/100+n/10), and by output when at least {:.0}% of its last quarter's answers are degenerate (at least {:.0}% of their 4-grams repeat) and that share is above its first quarter's beyond chance (one-sided Fisher exact test, p < {}).",
         100.0 * RSS_GROWTH_LIMIT,
         1.0 + LATENCY_GROWTH_LIMIT,
         100.0 * DEGENERATE_TURNS_LIMIT,
-        100.0 * DEGENERATE_REPEATS
+        100.0 * DEGENERATE_REPEATS,
+        OUTPUT_CHANGE_P
     );
     for run in runs {
         let Some(h) = &run.health else {
@@ -286,10 +337,30 @@ mod tests {
         let repeats = [0.0, 0.1, 0.6, 0.0, 0.2, 0.3, 0.9, 0.5];
         let turns: Vec<_> = repeats.iter().map(|&r| turn(50, r)).collect();
         let h = Health::of(&log(400, 0.0), &turns).unwrap();
-        assert_eq!(
-            h.degenerate_by_quarter,
-            [Some(0.0), Some(0.5), Some(0.0), Some(1.0)]
-        );
+        let shares = h.degenerate_by_quarter.map(|c| c.share());
+        assert_eq!(shares, [Some(0.0), Some(0.5), Some(0.0), Some(1.0)]);
+        // 0/2 then 2/2: P = C(2,2) C(2,0) / C(4,2) = 1/6, not beyond chance.
+        assert!((h.output_change_p().unwrap() - 1.0 / 6.0).abs() < 1e-12);
+        assert!(h.breaks().is_empty());
+    }
+
+    /// Fisher's one-sided p against hand-computed hypergeometric tails: 5 of 10 degenerate,
+    /// then 8 of 8: C(13,8) / C(18,8) = 1287 / 43758; then 7 of 8: (C(12,7) C(6,1) + C(12,8))
+    /// / C(18,8) = 5247 / 43758; and a late share below the early one gives a p near 1.
+    #[test]
+    fn output_change_is_a_one_sided_fisher_exact_test() {
+        let count = |degenerate, turns| TurnCount { degenerate, turns };
+        let p = |late| fisher_greater(count(5, 10), late);
+        assert!((p(count(8, 8)) - 1287.0 / 43758.0).abs() < 1e-12);
+        assert!((p(count(7, 8)) - 5247.0 / 43758.0).abs() < 1e-12);
+        assert!(p(count(0, 8)) > 0.99);
+        // A run whose answers loop from its second quarter on breaks by output.
+        let repeats = [0.0, 0.1, 0.0, 0.2, 0.9, 0.8, 0.9, 0.7]
+            .into_iter()
+            .chain([0.9; 8]);
+        let turns: Vec<_> = repeats.map(|r| turn(25, r)).collect();
+        let h = Health::of(&log(400, 0.0), &turns).unwrap();
+        assert_eq!(h.degenerate_by_quarter[3], count(4, 4));
         assert_eq!(h.breaks(), ["output"]);
     }
 

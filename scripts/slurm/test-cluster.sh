@@ -31,17 +31,25 @@ WORK=$(mktemp -d /tmp/streamppl-slurm.XXXXXX)
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 1
+    # Gone before the next run looks for them (a munged still answering, then exiting, leaves
+    # that run without a socket).
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# munge: one key, one daemon (a running one is reused: it is the machine's).
-if ! pgrep -x munged >/dev/null; then
+# munge: one key, one daemon (one that answers is reused: it is the machine's; one that a run
+# just before is stopping still shows in pgrep but no longer answers).
+munge_answers() { munge -n 2>/dev/null | unmunge > /dev/null 2>&1; }
+if ! munge_answers; then
     mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
     [[ -f /etc/munge/munge.key ]] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; chmod 400 /etc/munge/munge.key; }
+    for _ in $(seq 20); do pgrep -x munged > /dev/null || break; sleep 0.5; done
     munged --force --pid-file="$WORK/munged.pid" 2>/dev/null
     PIDS+=("$(cat "$WORK/munged.pid")")
+    for _ in $(seq 20); do munge_answers && break; sleep 0.5; done
 fi
 
 HOST=$(hostname -s)
@@ -77,7 +85,13 @@ PartitionName=test Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 slurmctld -i; sleep 1; PIDS+=("$(cat "$WORK/slurmctld.pid")")
 slurmd; sleep 1; PIDS+=("$(cat "$WORK/slurmd.pid")")
-for _ in $(seq 30); do sinfo -h -o %t 2>/dev/null | grep -q idle && break; sleep 1; done
+# A node that slurmctld still knows as down or drained (daemons of a run just before) is put
+# back once; then it has a minute.
+for i in $(seq 60); do
+    sinfo -h -o %t 2>/dev/null | grep -q idle && break
+    [[ $i == 15 ]] && scontrol update NodeName="$HOST" State=RESUME 2>/dev/null || true
+    sleep 1
+done
 sinfo -h -o %t | grep -q idle || { echo "FAILED: the Slurm node never became idle" >&2; cat "$WORK/slurmd.log" >&2; exit 1; }
 
 # Waits until job $1 (and its array tasks) has left the queue. A query that fails (slurmctld
@@ -96,14 +110,16 @@ wait_gone() {
     echo "FAILED: job $1 still queued after 10 minutes" >&2; exit 1
 }
 # Waits until array task $1 has been requeued and its second run has ended: its record says
-# Restarts=1 (or more) and a state that only a run can end in. CANCELLED is not one: while
-# the first run is being killed for the requeue, a loaded slurmctld can already show
-# Restarts=1 with the cancelled run's state (seen in CI), before the task is back in the queue.
+# Restarts=1 (or more) and a state that only a run can end in, and the file $2 that only a
+# finished run writes exists. The record alone is not enough: while the first run is being
+# killed for the requeue, a loaded slurmctld can already show Restarts=1 with the killed run's
+# state (CANCELLED, and FAILED: both seen in CI), before the task is back in the queue.
 wait_rerun_done() {
     local info
     for _ in $(seq 600); do
         info=$(scontrol -o show job "$1" 2>/dev/null || true)
-        if [[ "$info" =~ Restarts=[1-9] && "$info" =~ JobState=(COMPLETED|FAILED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL) ]]; then
+        if [[ "$info" =~ Restarts=[1-9] && "$info" =~ JobState=(COMPLETED|FAILED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL) ]] \
+            && compgen -G "$2" > /dev/null; then
             return 0
         fi
         sleep 1
@@ -150,7 +166,7 @@ scontrol requeue "${job}_0"
 # Slurm holds a requeued job back two minutes (BeginTime); let it start now.
 for _ in $(seq 100); do [[ "$(squeue -h -j "${job}_0" -o %t)" == PD ]] && break; sleep 0.2; done
 scontrol update JobId="${job}_0" StartTime=now
-wait_rerun_done "${job}_0"
+wait_rerun_done "${job}_0" "$WORK/long/*/run.json"
 grep -q "resum" slurm-streamppl-shard-"${job}"_0.out || {
     echo "FAILED: the requeued shard did not resume" >&2
     cat slurm-streamppl-shard-"${job}"_0.out >&2; scontrol -o show job "${job}_0" >&2; exit 1; }

@@ -49,13 +49,13 @@ fn schema() -> Arc<Schema> {
 /// Writes `batch` as a parquet file atomically (a temporary file, then a rename), so a crash
 /// never leaves half a file; every per-token log goes through it.
 pub(crate) fn write_parquet_atomically(batch: &RecordBatch, path: &Path) -> Result<()> {
-    let tmp = crate::records::temp_beside(path);
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
-    writer.write(batch)?;
-    writer.close()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::records::write_aside(path, |tmp| {
+        let file = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
+        writer.write(batch)?;
+        writer.close()?;
+        Ok(())
+    })
 }
 
 impl NllLog {

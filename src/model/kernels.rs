@@ -590,7 +590,7 @@ pub fn few_query_attention(a: &FewQueries<'_>) -> Result<Tensor> {
     let (nkv, n_keys, _) = a.k.dims3()?;
     let n_sink = a.q_sink.map_or(0, |(n, _)| n);
     let mut inputs = vec![a.q, a.q_sink.map_or(a.q, |(_, q)| q)];
-    if let Some((cos, sin)) = a.k_rope.map(|(cos, sin, _)| (cos, sin)) {
+    if let Some((cos, sin, _)) = a.k_rope {
         inputs.extend([cos, sin]);
     }
     inputs.extend(a.mask);

@@ -46,9 +46,22 @@ pub fn write_json<T: Serialize>(value: &T, path: &Path) -> Result<()> {
 /// half a file, and two processes writing the same file (two runs of one sweep) each rename a
 /// whole file of their own.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_aside(path, |tmp| {
+        std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))
+    })
+}
+
+/// Has `write` make the file at a temporary path beside `path` ([`temp_beside`]), then renames
+/// it in; a failed write leaves no temporary file behind.
+pub fn write_aside(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_beside(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+    let written = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp); // best effort: the write's error matters more
+    }
+    written
 }
 
 /// A temporary name beside `path` that no other process or thread uses (pid and a counter),

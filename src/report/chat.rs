@@ -26,7 +26,7 @@ pub const LATENCY_GROWTH_LIMIT: f64 = 0.10;
 pub const DEGENERATE_REPEATS: f64 = 0.5;
 /// ... and the output breaks when at least this share of the last quarter's turns are, and
 /// that share is above the first quarter's beyond chance: a one-sided Fisher exact test of the
-/// two quarters' counts below this p-value. A small model loops often from its first answers
+/// two quarters' counts below [`OUTPUT_CHANGE_P`]. A small model loops often from its first answers
 /// on (SmolLM2: a third of them), and a quarter of 8,192 tokens holds about ten answers, so a
 /// share alone moves by chance (StreamingLLM's quarters over one run: 0.38, 0.36, 0.07, 0.62).
 pub const DEGENERATE_TURNS_LIMIT: f64 = 0.5;

@@ -12,7 +12,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::Run;
 use crate::nll_log::NllLog;
-use crate::records::temp_beside;
+use crate::records::write_aside;
 
 const SIZE: (u32, u32) = (1200, 640);
 /// Right-hand panel for the legend, so it never hides a curve.
@@ -96,23 +96,17 @@ pub(super) fn write_png_and_svg(out: &Path, size: (u32, u32), figure: &impl Rend
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     }
     // Drawn aside and renamed in, like every record (two runs of one sweep draw one heatmap).
-    let png = temp_beside(out);
-    figure
-        .render(BitMapBackend::new(&png, size).into_drawing_area())
-        .with_context(|| format!("{}: cannot draw plot", out.display()))?;
-    rename(&png, out)?;
-    let (svg, svg_tmp) = (
-        out.with_extension("svg"),
-        temp_beside(&out.with_extension("svg")),
-    );
-    figure
-        .render(SVGBackend::new(&svg_tmp, size).into_drawing_area())
-        .with_context(|| format!("{}: cannot draw plot", svg.display()))?;
-    rename(&svg_tmp, &svg)
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    std::fs::rename(from, to).with_context(|| format!("{}: cannot write", to.display()))
+    write_aside(out, |png| {
+        figure
+            .render(BitMapBackend::new(png, size).into_drawing_area())
+            .with_context(|| format!("{}: cannot draw plot", out.display()))
+    })?;
+    let svg = out.with_extension("svg");
+    write_aside(&svg, |tmp| {
+        figure
+            .render(SVGBackend::new(tmp, size).into_drawing_area())
+            .with_context(|| format!("{}: cannot draw plot", svg.display()))
+    })
 }
 
 /// The ab_glyph backend ships no fonts: text needs one registered under the family name used.

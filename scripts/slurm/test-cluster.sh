@@ -109,22 +109,37 @@ wait_gone() {
     done
     echo "FAILED: job $1 still queued after 10 minutes" >&2; exit 1
 }
-# Waits until array task $1 has been requeued and its second run has ended: its record says
-# Restarts=1 (or more) and a state that only a run can end in, and the file $2 that only a
-# finished run writes exists. The record alone is not enough: while the first run is being
-# killed for the requeue, a loaded slurmctld can already show Restarts=1 with the killed run's
-# state (CANCELLED, and FAILED: both seen in CI), before the task is back in the queue.
+# What the cluster knows of job $1, and the log $2, for a failure's message.
+dump_state() {
+    { echo "--- scontrol show job $1"; scontrol -o show job "$1"
+      echo "--- sinfo"; sinfo -N -l; sinfo -R
+      echo "--- streamppl processes"; ps -eo pid,stat,etime,args | grep '[s]treamppl' || true
+      echo "--- $2 (last 20 lines)"; tail -n 20 "$2"
+      echo "--- slurmctld.log (last 30 lines)"; tail -n 30 "$WORK/slurmctld.log"
+      echo "--- slurmd.log (last 30 lines)"; tail -n 30 "$WORK/slurmd.log"; } >&2 2>&1 || true
+}
+# Waits until requeued array task $1 has run again and left the queue, with the file $2 that
+# only a finished run writes in place (its first run was killed before writing it). A task
+# still pending is nudged every 20 s, and each nudge printed: held after a failed launch
+# (slurmd refuses a credential no newer than the one it revoked) is released, one waiting for
+# its BeginTime is started, a node left drained or down by the killed run is resumed.
 wait_rerun_done() {
-    local info
-    for _ in $(seq 600); do
-        info=$(scontrol -o show job "$1" 2>/dev/null || true)
-        if [[ "$info" =~ Restarts=[1-9] && "$info" =~ JobState=(COMPLETED|FAILED|TIMEOUT|OUT_OF_MEMORY|NODE_FAIL) ]] \
-            && compgen -G "$2" > /dev/null; then
-            return 0
+    local state
+    for i in $(seq 600); do
+        state=$(squeue -h -j "$1" -o '%t %r' 2>/dev/null || true)
+        compgen -G "$2" > /dev/null && [[ -z "$state" ]] && return 0
+        if [[ "$state" == PD* ]] && (( i % 20 == 0 )); then
+            echo "task $1 still pending after ${i}s ($state); node: $(sinfo -h -o '%t %E')" >&2
+            case "$state" in
+                *[Hh]eld*) scontrol release "$1" || true ;;
+                *BeginTime*) scontrol update JobId="$1" StartTime=now || true ;;
+            esac
+            sinfo -h -o %t | grep -Eq 'drain|down' && { scontrol update NodeName="$HOST" State=RESUME || true; }
         fi
         sleep 1
     done
-    echo "FAILED: task $1 did not finish after its requeue within 10 minutes" >&2; exit 1
+    echo "FAILED: task $1 did not finish after its requeue within 10 minutes" >&2
+    dump_state "$1" "$3"; exit 1
 }
 # Every cell's NLLs in $1 equal those in $2, and the grids are the same.
 same_sweep() {
@@ -163,13 +178,16 @@ for _ in $(seq 300); do
 done
 compgen -G "$WORK/long/*/checkpoint/state.json" > /dev/null || { echo "FAILED: no checkpoint before the requeue" >&2; exit 1; }
 scontrol requeue "${job}_0"
-# Slurm holds a requeued job back two minutes (BeginTime); let it start now.
+# Slurm holds a requeued job back two minutes (BeginTime, past the killed run's credential);
+# let it start as soon as it is pending, a second or two later so that its new credential is
+# newer than the revoked one.
 for _ in $(seq 100); do [[ "$(squeue -h -j "${job}_0" -o %t)" == PD ]] && break; sleep 0.2; done
+sleep 2
 scontrol update JobId="${job}_0" StartTime=now
-wait_rerun_done "${job}_0" "$WORK/long/*/run.json"
-grep -q "resum" slurm-streamppl-shard-"${job}"_0.out || {
-    echo "FAILED: the requeued shard did not resume" >&2
-    cat slurm-streamppl-shard-"${job}"_0.out >&2; scontrol -o show job "${job}_0" >&2; exit 1; }
+shard_log=slurm-streamppl-shard-"${job}"_0.out
+wait_rerun_done "${job}_0" "$WORK/long/*/run.json" "$shard_log"
+grep -q "resum" "$shard_log" || {
+    echo "FAILED: the requeued shard did not resume" >&2; dump_state "${job}_0" "$shard_log"; exit 1; }
 cell=$(basename "$(dirname "$(ls "$WORK"/long-single/*/run.json)")")
 line=$("$BIN" compare "$WORK/long/$cell" "$WORK/long-single/$cell")
 [[ "$line" == *"max 0.000e0"* ]] || { echo "FAILED: requeued shard: $line" >&2; exit 1; }

@@ -88,8 +88,9 @@ pub const DEFAULT_BLOCK_SIZE: usize = 128;
 
 /// Block size of the block engine on a GPU unless `--block-size` says otherwise: large blocks
 /// amortize the launches of a forward pass. Measured on an H200 in bf16, `sink:4+1020`
-/// (results/bench/gpu-h200.md): SmolLM2 62.9k / 90.5k / 104.3k tok/s at 1024 / 2048 / 4096,
-/// the 7B shape 14.0k / 15.2k at 1024 / 2048; 2048 serves both (4096 adds keys per query).
+/// (results/bench/gpu-h200-flash2.md and -run2): SmolLM2's shape 118.9k / 159.7k / 189.1k and
+/// 88.8k / 162.1k / 174.1k tok/s at 1024 / 2048 / 4096, the 7B shape 23.2k / 25.3k at 1024 /
+/// 2048; 2048 serves both (4096 adds keys per query and memory for the 7B).
 pub const GPU_BLOCK_SIZE: usize = 2048;
 
 /// The block engine's default block size on `device`.

@@ -9,9 +9,12 @@ use rayon::prelude::*;
 
 use crate::corpus::load_corpora;
 use crate::engine::EngineKind;
+use crate::engine::token::TokenEngine;
 use crate::eval::{EvalOptions, TokenizedCorpus};
-use crate::records::bench::{BenchReport, Machine, Measurement, TokenFloor};
+use crate::model::Model;
+use crate::records::bench::{BenchReport, Machine, Measurement, PairedRound, TokenFloor};
 use crate::runner::{Compute, LoadedModel, RunPolicy, load_model, progress_bar, run_one, versions};
+use crate::strategy::Strategy;
 
 /// Token counts of each measurement.
 #[derive(Debug, Clone)]
@@ -22,6 +25,8 @@ pub struct BenchSizes {
     pub dense_prefill: u64,
     /// `sink:4+1020` on the block engine, short and long: memory must stay flat.
     pub flat_memory: [u64; 2],
+    /// Rounds of the paired floor measurement, and the one-token steps each times.
+    pub paired: (usize, usize),
 }
 
 impl BenchSizes {
@@ -29,12 +34,14 @@ impl BenchSizes {
         engines: 8192,
         dense_prefill: 2048,
         flat_memory: [16_384, 131_072],
+        paired: (6, 128),
     };
     /// A smoke test: minutes, not hours.
     pub const QUICK: BenchSizes = BenchSizes {
         engines: 256,
         dense_prefill: 256,
         flat_memory: [512, 2048],
+        paired: (2, 16),
     };
 }
 
@@ -136,6 +143,10 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
     let weight_bytes = lm.model.weight_bytes_per_token() as u64;
     // The token engine's sink:4+1020 cache holds S + W + 1 slots once full.
     let kv_bytes = (lm.model.kv_bytes_per_slot() * 1025) as u64;
+    let paired = match compute.device.is_cpu() {
+        true => paired_floor(&lm.model, &tokenized, weight_bytes, sizes.paired)?,
+        false => Vec::new(),
+    };
     drop((lm, tokenized));
     for other in also_models {
         let lm = load_model(other, compute)?;
@@ -180,6 +191,7 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
             kv_bytes_per_token: kv_bytes,
             floor_with_cache_tokens_per_second: read_gb_per_s * 1e9
                 / (weight_bytes + kv_bytes) as f64,
+            paired,
         }
     });
     let report = BenchReport {
@@ -220,7 +232,12 @@ const BANDWIDTH_PASSES: u32 = 5;
 /// The best read bandwidth, GB/s, of `passes` passes summing a buffer of `bytes` in parallel
 /// on the global rayon pool, the one the CPU kernels of the token engine use.
 fn read_bandwidth(bytes: usize, passes: u32) -> f64 {
-    let data = vec![1.0f32; bytes / 4];
+    best_read_bandwidth(&vec![1.0f32; bytes / 4], passes)
+}
+
+/// The best read bandwidth, GB/s, of `passes` passes summing `data`.
+fn best_read_bandwidth(data: &[f32], passes: u32) -> f64 {
+    let bytes = std::mem::size_of_val(data);
     let mut best = 0.0f64;
     for _ in 0..passes {
         let started = Instant::now();
@@ -230,6 +247,58 @@ fn read_bandwidth(bytes: usize, passes: u32) -> f64 {
         best = best.max(bytes as f64 / seconds / 1e9);
     }
     best
+}
+
+/// Bandwidth passes of each round of the paired floor measurement.
+const PAIRED_PASSES: u32 = 3;
+
+/// The token engine's share of the bandwidth floor measured in pairs: each of `rounds` reads
+/// the bandwidth, then times `steps` one-token steps of `sink:4+1020` over its full cache.
+/// This host's bandwidth moves by 2x between minutes, so a share from one probe and a run
+/// minutes away says as much about the minutes as about the engine. Empty when the corpus
+/// holds too few tokens (C + every round's steps + 1).
+fn paired_floor(
+    model: &Model,
+    tokenized: &TokenizedCorpus,
+    weight_bytes: u64,
+    (rounds, steps): (usize, usize),
+) -> Result<Vec<PairedRound>> {
+    const CACHE: usize = 1024;
+    let tokens: Vec<u32> = tokenized.ids.iter().flatten().copied().collect();
+    if tokens.len() < CACHE + rounds * steps + 2 {
+        return Ok(Vec::new());
+    }
+    let strategy = Strategy::Sink {
+        sinks: 4,
+        window: CACHE - 4,
+    };
+    let mut engine = TokenEngine::new(model, strategy, true)?;
+    engine.prefill(&tokens[..CACHE])?;
+    // Fed token i scores token i + 1; the first step (untimed) fills the cache's last slot.
+    let mut step = |i: usize| -> Result<()> {
+        let hidden = engine.step(tokens[i])?;
+        model.nll(&hidden, &[tokens[i + 1]])?;
+        Ok(())
+    };
+    step(CACHE)?;
+    let data = vec![1.0f32; BANDWIDTH_BUFFER / 4];
+    let mut paired = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let read_gb_per_s = best_read_bandwidth(&data, PAIRED_PASSES);
+        let first = CACHE + 1 + round * steps;
+        let started = Instant::now();
+        for i in first..first + steps {
+            step(i)?;
+        }
+        let tokens_per_second = steps as f64 / started.elapsed().as_secs_f64();
+        paired.push(PairedRound {
+            read_gb_per_s,
+            steps: steps as u64,
+            tokens_per_second,
+            share: tokens_per_second * weight_bytes as f64 / (read_gb_per_s * 1e9),
+        });
+    }
+    Ok(paired)
 }
 
 /// A sum over 16 independent lanes, which the compiler vectorizes: memory, not a chain of
@@ -334,6 +403,28 @@ pub fn markdown(r: &BenchReport) -> String {
             f.floor_tokens_per_second,
             100.0 * f.token_engine_share
         );
+        if !f.paired.is_empty() {
+            let median = crate::report::median(f.paired.iter().map(|p| p.share).collect());
+            let each: Vec<String> = f
+                .paired
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{:.0}% ({:.1} tok/s at {:.1} GB/s)",
+                        100.0 * p.share,
+                        p.tokens_per_second,
+                        p.read_gb_per_s
+                    )
+                })
+                .collect();
+            s += &format!(
+                " Measured in pairs instead, the bandwidth (best of {PAIRED_PASSES} passes) and then {} one-token steps over the full cache, seconds apart, in {} rounds: **{:.0}%** of each round's floor (median; {}).",
+                f.paired[0].steps,
+                f.paired.len(),
+                100.0 * median,
+                each.join(", ")
+            );
+        }
         if f.kv_bytes_per_token > 0 {
             s += &format!(
                 " With the {:.0} MB of keys and values a step reads over its full cache, the floor is {:.1} tok/s, and the token engine runs at {:.0}% of it.",

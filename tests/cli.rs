@@ -297,6 +297,28 @@ fn the_quick_bench_writes_its_report() {
         (with_cache - gbps * 1e9 / (bytes + kv) as f64).abs() < 1e-6 * with_cache,
         "{floor}"
     );
+    // The paired rounds (--quick: 2 of 16 steps): each share is its own round's speed over its
+    // own bandwidth's floor.
+    let paired = floor["paired"].as_array().unwrap();
+    assert_eq!(paired.len(), 2, "{floor}");
+    for round in paired {
+        assert_eq!(round["steps"].as_u64(), Some(16), "{round}");
+        let (round_gbps, round_tps) = (
+            round["read_gb_per_s"].as_f64().unwrap(),
+            round["tokens_per_second"].as_f64().unwrap(),
+        );
+        assert!((1.0..1000.0).contains(&round_gbps), "{round}");
+        let share = round_tps * bytes as f64 / (round_gbps * 1e9);
+        assert!(
+            (round["share"].as_f64().unwrap() - share).abs() < 1e-6 * share,
+            "{round}"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(out_dir.join("smoke.md"))
+            .unwrap()
+            .contains("Measured in pairs instead"),
+    );
 }
 
 #[test]

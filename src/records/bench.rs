@@ -70,6 +70,26 @@ pub struct TokenFloor {
     /// read_gb_per_s / (weight + KV bytes): the floor of a step over that cache.
     #[serde(default, with = "float")]
     pub floor_with_cache_tokens_per_second: f64,
+    /// The same share measured in pairs seconds apart (bandwidth, then token-engine steps),
+    /// round by round; empty in benches from before it was recorded, or when the corpus was
+    /// too short for it.
+    #[serde(default)]
+    pub paired: Vec<PairedRound>,
+}
+
+/// One round of the paired floor measurement: the read bandwidth (best of a few passes), then
+/// the token engine's one-token steps over its full `sink:4+1020` cache, back to back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedRound {
+    #[serde(with = "float")]
+    pub read_gb_per_s: f64,
+    /// One-token steps timed.
+    pub steps: u64,
+    #[serde(with = "float")]
+    pub tokens_per_second: f64,
+    /// tokens_per_second over this round's floor (read_gb_per_s / weight bytes per token).
+    #[serde(with = "float")]
+    pub share: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

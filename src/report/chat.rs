@@ -13,6 +13,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use super::median;
 use super::table::cell;
 use crate::records::generation::{GenerationLog, GenerationRecord, TurnRecord};
 
@@ -182,11 +183,6 @@ fn fisher_greater(early: TurnCount, late: TurnCount) -> f64 {
 fn ln_choose(n: usize, k: usize) -> f64 {
     let k = k.min(n - k);
     (1..=k).map(|i| ((n - k + i) as f64 / i as f64).ln()).sum()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// One row per run: tokens, speed, memory, latency, degenerate turns and self-PPL by quarter,

@@ -56,15 +56,15 @@ impl Run {
     }
 }
 
-/// Each path is either a run directory (has run.json) or a directory whose subdirectories
-/// (searched recursively, sorted by path) are run directories. Error (one line, naming the path)
-/// if a path does not exist or holds no run.
 /// The middle value (the upper of the two middle ones for an even count); NaN for none.
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Each path is either a run directory (has run.json) or a directory whose subdirectories
+/// (searched recursively, sorted by path) are run directories. Error (one line, naming the path)
+/// if a path does not exist or holds no run.
 pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for path in paths {

@@ -34,8 +34,9 @@ def launch(which, q, qs, k, v, fed, nq, first_row, n_sink, rule, splits):
     nh, rows, hd = q.shape; nkv, n_keys, _ = k.shape
     suffix = {torch.bfloat16: "bf16", torch.float16: "f16"}[q.dtype]
     out = torch.empty(rows, nh, hd, dtype=q.dtype, device="cuda")
-    part_o = torch.empty(max(1, splits * rows * nh * hd) if splits > 1 else 1, device="cuda")
-    part_ml = torch.empty(max(1, splits * rows * nh * 2) if splits > 1 else 1, device="cuda")
+    # One element, never read, when there is one split.
+    part_o = torch.empty(splits * rows * nh * hd if splits > 1 else 1, device="cuda")
+    part_ml = torch.empty(splits * rows * nh * 2 if splits > 1 else 1, device="cuda")
     vals = [ctypes.c_void_p(t.data_ptr()) for t in (q, qs, k, v, out, fed)]
     vals += [ctypes.c_int32(x) for x in (nh, nkv, rows, n_keys, n_sink, nq, first_row)]
     vals += [ctypes.c_int64(x) for x in rule] + [ctypes.c_int32(splits)]
@@ -52,16 +53,20 @@ def launch(which, q, qs, k, v, fed, nq, first_row, n_sink, rule, splits):
         ok(cuda.cuLaunchKernel(c, rows * nh, 1, 1, hd, 1, 1, 0, stream, cp, None))
     return out
 
+def visible(q_fed, k_fed, rule):
+    """(queries, keys): key j visible from query t under (sinks, recent, window)."""
+    t = q_fed[:, None]; j = k_fed[None, :]
+    sinks, recent, window = rule
+    return (j <= t) & ((j < sinks) | (t - j <= recent)) & (t - j < window)
+
 def reference(q, qs, k, v, q_fed, k_fed, n_sink, rule):
     nh, rows, hd = q.shape; nkv = k.shape[0]
     kk = k.float().repeat_interleave(nh // nkv, 0); vv = v.float().repeat_interleave(nh // nkv, 0)
     s = torch.cat([qs.float() @ kk[:, :n_sink].transpose(1, 2), q.float() @ kk[:, n_sink:].transpose(1, 2)], 2)
-    t = q_fed[:, None]; j = k_fed[None, :]
-    sinks, recent, window = rule
-    vis = (j <= t) & ((j < sinks) | (t - j <= recent)) & (t - j < window)
+    vis = visible(q_fed, k_fed, rule)
     s = s.masked_fill(~vis[None], float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
-    return (p @ vv).transpose(0, 1), int(vis.sum())
+    return (p @ vv).transpose(0, 1)
 
 def case(nh, nkv, hd, rows, window_keys, block, dtype, rule=(4, 1020, I64MAX), T=10000, rot=777, first_row=0, extra_q=0):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -81,7 +86,7 @@ def case(nh, nkv, hd, rows, window_keys, block, dtype, rule=(4, 1020, I64MAX), T
 
 def check(name, args, splits_list=(1, 3)):
     q, qs, k, v, fed, nq, first_row, n_sink, rule, q_fed, k_fed = args
-    ref, _ = reference(q, qs, k, v, q_fed, k_fed, n_sink, rule)
+    ref = reference(q, qs, k, v, q_fed, k_fed, n_sink, rule)
     for which in MODS:
         for splits in splits_list:
             out = launch(which, q, qs, k, v, fed, nq, first_row, n_sink, rule, splits).float()
@@ -92,9 +97,7 @@ def check(name, args, splits_list=(1, 3)):
 
 def timeit(name, args, splits_list=(1, 2, 3)):
     q, qs, k, v, fed, nq, first_row, n_sink, rule, q_fed, k_fed = args
-    t = q_fed[:, None]; j = k_fed[None, :]
-    sinks, recent, window = rule
-    pairs = int(((j <= t) & ((j < sinks) | (t - j <= recent)) & (t - j < window)).sum())
+    pairs = int(visible(q_fed, k_fed, rule).sum())
     flops = pairs * q.shape[0] * q.shape[2] * 4
     for which in MODS:
         for splits in splits_list:

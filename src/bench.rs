@@ -264,8 +264,15 @@ fn paired_floor(
     (rounds, steps): (usize, usize),
 ) -> Result<Vec<PairedRound>> {
     const CACHE: usize = 1024;
-    let tokens: Vec<u32> = tokenized.ids.iter().flatten().copied().collect();
-    if tokens.len() < CACHE + rounds * steps + 2 {
+    let needed = CACHE + rounds * steps + 2;
+    let tokens: Vec<u32> = tokenized
+        .ids
+        .iter()
+        .flatten()
+        .copied()
+        .take(needed)
+        .collect();
+    if tokens.len() < needed {
         return Ok(Vec::new());
     }
     let strategy = Strategy::Sink {

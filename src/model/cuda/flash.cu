@@ -46,36 +46,25 @@ __device__ __forceinline__ bool sees_all(long long q_lo, long long q_hi, long lo
 }
 
 // The tensor-core product d += a b of one warp (m16n8k16, f32 accumulators), and two f32
-// packed as the operand type.
+// packed as the operand type; PTX names the operand type, T2 and TO_T2 are its pair type and
+// conversion.
 template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float *d, const unsigned *a, unsigned b0,
-                                               unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<unsigned *>(&v);
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float *d, const unsigned *a, unsigned b0,
-                                               unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-        __half2 v = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<unsigned *>(&v);
-    }
-};
+#define MMA(T, PTX, T2, TO_T2)                                                                    \
+    template <> struct Mma<T> {                                                                   \
+        static __device__ __forceinline__ void run(float *d, const unsigned *a, unsigned b0,      \
+                                                   unsigned b1) {                                 \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX                     \
+                         ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"          \
+                         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                         \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));         \
+        }                                                                                         \
+        static __device__ __forceinline__ unsigned pack(float lo, float hi) {                     \
+            T2 v = TO_T2(lo, hi);                                                                 \
+            return *reinterpret_cast<unsigned *>(&v);                                             \
+        }                                                                                         \
+    };
+MMA(__nv_bfloat16, "bf16", __nv_bfloat162, __floats2bfloat162_rn)
+MMA(__half, "f16", __half2, __floats2half2_rn)
 
 // Four 8x8 matrices of 16-bit elements from shared memory, row addresses from lanes 0-7,
 // 8-15, 16-23, 24-31; TRANS hands each lane columns instead of rows.

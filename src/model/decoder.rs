@@ -7,7 +7,6 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 
 use super::attention::{Attention, AttnPlan, Visibility};
-use super::kernels::{FEW_ROWS, HotPool};
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::ops;
@@ -369,7 +368,6 @@ impl Model {
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
-        let _hot = (self.device.is_cpu() && tokens.len() <= FEW_ROWS).then(HotPool::start);
         // A capped layer's cache (see `layer_caps`) drops its oldest keys first; it then
         // attends over the slots it still stores, from `cache.start(layer)` on.
         cache.make_room(plan.write_at, plan.write_at + tokens.len())?;

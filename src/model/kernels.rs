@@ -388,61 +388,6 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     })
 }
 
-/// While alive, the pool's other workers spin and take work the moment it is queued, instead
-/// of falling asleep in the serial gaps between the ~150 parallel loops of a one-token step
-/// and being woken by a futex for each (on this 2-core VM: 12% of a step's samples in the
-/// scheduler, and the wake latency besides). Started once per step; does nothing when the
-/// pool has one thread or more threads than the machine has cores (spinners would take the
-/// cores the real work needs).
-///
-/// A spinner also stops after [`HOT_POOL_MAX_IDLE`] without work. Rayon may run it on a worker
-/// that is itself waiting inside a job's `join` (a job it stole from this step): spinning
-/// there until the step ends would deadlock (the step waits for that job, the job waits for
-/// the spinner to return). Returning when idle lets the job finish; the cost is that idle
-/// stretch, rarely.
-pub struct HotPool {
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// Longer than any serial stretch of a one-token step (tens of microseconds), far shorter
-/// than the step.
-const HOT_POOL_MAX_IDLE: std::time::Duration = std::time::Duration::from_millis(1);
-
-impl HotPool {
-    pub fn start() -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let done = std::sync::Arc::new(AtomicBool::new(false));
-        let threads = rayon::current_num_threads();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if threads > 1 && threads <= cores {
-            let (flag, caller) = (done.clone(), rayon::current_thread_index());
-            rayon::spawn_broadcast(move |ctx| {
-                // The caller's own copy returns at once: spinning there would wait on itself.
-                if Some(ctx.index()) == caller {
-                    return;
-                }
-                let mut last_work = std::time::Instant::now();
-                while !flag.load(Ordering::Acquire) {
-                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        last_work = std::time::Instant::now();
-                    } else if last_work.elapsed() > HOT_POOL_MAX_IDLE {
-                        return;
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                }
-            });
-        }
-        Self { done }
-    }
-}
-
-impl Drop for HotPool {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Release);
-    }
-}
-
 /// Rows of `x` at most this many go through [`few_rows_times_transposed`]: its weight rows are
 /// read once for all of them, so it stays memory-bound (and ahead of gemm) while they fit in L1.
 pub const FEW_ROWS: usize = 8;
@@ -486,8 +431,15 @@ fn times_weight_rows<W: Sync>(
     dot: fn(&mut [f32], &[W], &[f32], usize),
 ) -> Vec<f32> {
     let (t, n) = (x.len() / k, w.len() / k);
-    // Enough weight rows per rayon task (about 256 KiB of f32) to amortize the scheduling.
-    let cols_per_task = (65_536 / k.max(1)).max(1);
+    // Enough weight rows per rayon task (about 64 Ki weights) to amortize the scheduling, in
+    // tasks of one size, as many as a multiple of the threads: with 9 tasks on 2 threads (the
+    // fused QKV of SmolLM2) one thread read 5 while the other waited after 4.
+    let threads = rayon::current_num_threads();
+    let tasks = (n * k)
+        .div_ceil(65_536)
+        .next_multiple_of(threads)
+        .clamp(1, n.max(1));
+    let cols_per_task = n.div_ceil(tasks).max(1);
     let mut out_t = vec![0f32; n * t]; // (n, t): each task writes whole rows
     out_t
         .par_chunks_mut(t * cols_per_task)
@@ -666,7 +618,21 @@ struct Partial {
     acc: Vec<f32>,
 }
 
-simd_dispatch!(fn attend_block(b: &KeyBlock<'_>) -> Partial = attend_block_generic);
+/// One block's partial attention: [`avx2::attend_block`] where the CPU has AVX2 and FMA and
+/// the head dimension is a multiple of 8, else the portable loop.
+fn attend_block(b: &KeyBlock<'_>) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if b.hd.is_multiple_of(8)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has the features `avx2::attend_block` is compiled for.
+        return unsafe { avx2::attend_block(b) };
+    }
+    attend_block_portable(b)
+}
+
+simd_dispatch!(fn attend_block_portable(b: &KeyBlock<'_>) -> Partial = attend_block_generic);
 
 #[inline(always)]
 fn attend_block_generic(b: &KeyBlock<'_>) -> Partial {
@@ -675,51 +641,12 @@ fn attend_block_generic(b: &KeyBlock<'_>) -> Partial {
     let mut scores = vec![0f32; rows * len];
     let mut placed = vec![0f32; hd];
     for (i, j) in b.keys.clone().enumerate() {
-        let key = &b.k[j * hd..(j + 1) * hd];
-        let key = match b.rope {
-            Some((cos, sin, half, layout)) => {
-                let (cos, sin) = (
-                    &cos[j * half..(j + 1) * half],
-                    &sin[j * half..(j + 1) * half],
-                );
-                match layout {
-                    PairLayout::Interleaved => {
-                        rope_interleaved_row_generic(&mut placed, key, cos, sin)
-                    }
-                    PairLayout::HalfSplit => {
-                        rope_half_split_row_generic(&mut placed, key, cos, sin)
-                    }
-                }
-                &placed[..]
-            }
-            None => key,
-        };
-        let q = if j < b.n_sink { b.q_sink } else { b.q };
-        for (r, q_row) in q.chunks_exact(hd).enumerate() {
-            let bias = b.mask.map_or(0.0, |m| m[(r % b.t) * b.n_keys + j]);
-            scores[r * len + i] = lane_dot(q_row, key) + bias;
+        let key = b.key(j, &mut placed);
+        for (r, q_row) in b.queries_of(j).chunks_exact(hd).enumerate() {
+            scores[r * len + i] = lane_dot(q_row, key) + b.bias(r, j);
         }
     }
-    let mut part = Partial {
-        max: vec![f32::NEG_INFINITY; rows],
-        sum: vec![0.0; rows],
-        acc: vec![0.0; rows * hd],
-    };
-    for (r, row) in scores.chunks_exact_mut(len).enumerate() {
-        let max = lane_max(row);
-        if max == f32::NEG_INFINITY {
-            continue; // every key of the block hidden from this query: it adds nothing
-        }
-        row.iter_mut().for_each(|s| {
-            *s = if *s == f32::NEG_INFINITY {
-                0.0
-            } else {
-                fast_exp(*s - max)
-            }
-        });
-        part.max[r] = max;
-        part.sum[r] = lane_sum(row);
-    }
+    let mut part = b.softmax(&mut scores);
     for (i, j) in b.keys.clone().enumerate() {
         let value = &b.v[j * hd..(j + 1) * hd];
         for (r, acc) in part.acc.chunks_exact_mut(hd).enumerate() {
@@ -728,6 +655,197 @@ fn attend_block_generic(b: &KeyBlock<'_>) -> Partial {
         }
     }
     part
+}
+
+impl KeyBlock<'_> {
+    /// Key `j` at its position: rotated into `placed` if the model rotates keys, else as cached.
+    #[inline(always)]
+    fn key<'k>(&'k self, j: usize, placed: &'k mut [f32]) -> &'k [f32] {
+        let key = &self.k[j * self.hd..(j + 1) * self.hd];
+        let Some((cos, sin, half, layout)) = self.rope else {
+            return key;
+        };
+        let (cos, sin) = (
+            &cos[j * half..(j + 1) * half],
+            &sin[j * half..(j + 1) * half],
+        );
+        match layout {
+            PairLayout::Interleaved => rope_interleaved_row_generic(placed, key, cos, sin),
+            PairLayout::HalfSplit => rope_half_split_row_generic(placed, key, cos, sin),
+        }
+        placed
+    }
+
+    /// The query rows that score key `j`: the sink queries for a sink.
+    #[inline(always)]
+    fn queries_of(&self, j: usize) -> &[f32] {
+        if j < self.n_sink { self.q_sink } else { self.q }
+    }
+
+    /// The mask's additive bias of key `j` for query row `r`.
+    #[inline(always)]
+    fn bias(&self, r: usize, j: usize) -> f32 {
+        self.mask.map_or(0.0, |m| m[(r % self.t) * self.n_keys + j])
+    }
+
+    /// Turns each row of `scores` (rows x keys) into exp(score - row max) and returns the
+    /// rows' statistics, with their output accumulators zeroed.
+    #[inline(always)]
+    fn softmax(&self, scores: &mut [f32]) -> Partial {
+        let rows = self.q.len() / self.hd;
+        let mut part = Partial {
+            max: vec![f32::NEG_INFINITY; rows],
+            sum: vec![0.0; rows],
+            acc: vec![0.0; rows * self.hd],
+        };
+        for (r, row) in scores.chunks_exact_mut(self.keys.len()).enumerate() {
+            let max = lane_max(row);
+            if max == f32::NEG_INFINITY {
+                continue; // every key of the block hidden from this query: it adds nothing
+            }
+            row.iter_mut().for_each(|s| {
+                *s = if *s == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    fast_exp(*s - max)
+                }
+            });
+            part.max[r] = max;
+            part.sum[r] = lane_sum(row);
+        }
+        part
+    }
+}
+
+/// The attention block with AVX2 intrinsics: keys scored eight at a time (one register of
+/// scores per query, no reduction per key) and each output row summed in registers. The
+/// portable loop reduced 16 lanes to one score for every (query, key) pair and loaded and
+/// stored the output row for every key: one SmolLM2 layer at 1024 keys (2 threads, rotated
+/// keys) took 128 us with its keys and values in cache and 164 us from memory, 17% of a
+/// one-token step; this takes 53 and 94 us.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{KeyBlock, Partial};
+
+    /// Keys scored together: one register of eight scores per query row.
+    const GROUP: usize = 8;
+    /// Output channels summed together: eight registers of eight.
+    const CHANNELS: usize = 64;
+
+    /// [`super::attend_block_generic`]'s result, to float rounding. `b.hd` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_block(b: &KeyBlock<'_>) -> Partial {
+        let (hd, len) = (b.hd, b.keys.len());
+        let rows = b.q.len() / hd;
+        let mut scores = vec![0f32; rows * len];
+        let mut placed = vec![0f32; GROUP * hd];
+        for i in (0..len).step_by(GROUP) {
+            let first = b.keys.start + i;
+            let n = GROUP.min(len - i);
+            // Eight keys scored at once share their queries: the last, partial group and a
+            // group across the end of the sinks go key by key.
+            if n < GROUP || (first < b.n_sink && first + GROUP > b.n_sink) {
+                for (g, j) in (first..first + n).enumerate() {
+                    let key = b.key(j, &mut placed[..hd]);
+                    for (r, q_row) in b.queries_of(j).chunks_exact(hd).enumerate() {
+                        scores[r * len + i + g] = super::lane_dot(q_row, key) + b.bias(r, j);
+                    }
+                }
+                continue;
+            }
+            let keys = match b.rope {
+                Some(_) => {
+                    for (g, row) in placed.chunks_exact_mut(hd).enumerate() {
+                        b.key(first + g, row);
+                    }
+                    &placed[..]
+                }
+                None => &b.k[first * hd..(first + GROUP) * hd],
+            };
+            for (r, q_row) in b.queries_of(first).chunks_exact(hd).enumerate() {
+                let dst = &mut scores[r * len + i..][..GROUP];
+                // SAFETY: q_row holds hd floats, keys GROUP rows of hd, dst GROUP.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), dots8(q_row, keys)) };
+                for (g, s) in dst.iter_mut().enumerate() {
+                    *s += b.bias(r, first + g);
+                }
+            }
+        }
+        let mut part = b.softmax(&mut scores);
+        let values = &b.v[b.keys.start * hd..b.keys.end * hd];
+        for (p, acc) in scores.chunks_exact(len).zip(part.acc.chunks_exact_mut(hd)) {
+            // Whole groups of CHANNELS, then what is left eight at a time: a register count
+            // known when compiled keeps the sums in registers.
+            let whole = hd / CHANNELS * CHANNELS;
+            for c in (0..whole).step_by(CHANNELS) {
+                // SAFETY: values holds len rows of hd, acc hd floats, c + CHANNELS <= hd.
+                unsafe { weighted_sum::<{ CHANNELS / 8 }>(&mut acc[c..], p, &values[c..], hd) };
+            }
+            for c in (whole..hd).step_by(8) {
+                // SAFETY: as above, c + 8 <= hd.
+                unsafe { weighted_sum::<1>(&mut acc[c..], p, &values[c..], hd) };
+            }
+        }
+        part
+    }
+
+    /// The dot products of `q` (hd) with each of the GROUP rows of `keys` (GROUP x hd):
+    /// vertical sums, then one transposing reduction for all eight.
+    #[inline(always)]
+    unsafe fn dots8(q: &[f32], keys: &[f32]) -> __m256 {
+        let hd = q.len();
+        debug_assert!(hd.is_multiple_of(8) && keys.len() == GROUP * hd);
+        let (q, keys) = (q.as_ptr(), keys.as_ptr());
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); GROUP];
+            for c in (0..hd).step_by(8) {
+                let qv = _mm256_loadu_ps(q.add(c));
+                for (g, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys.add(g * hd + c)), *a);
+                }
+            }
+            // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]: two rounds
+            // leave key g's sums of lanes 0-3 in lane g of the low halves (g < 4), of lanes
+            // 4-7 in the high halves.
+            let s01 = _mm256_hadd_ps(acc[0], acc[1]);
+            let s23 = _mm256_hadd_ps(acc[2], acc[3]);
+            let s45 = _mm256_hadd_ps(acc[4], acc[5]);
+            let s67 = _mm256_hadd_ps(acc[6], acc[7]);
+            let s0123 = _mm256_hadd_ps(s01, s23);
+            let s4567 = _mm256_hadd_ps(s45, s67);
+            let low = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+            let high = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+            _mm256_add_ps(low, high)
+        }
+    }
+
+    /// `acc[..8 LANES] += sum over keys i of p[i] * values[i * stride..][..8 LANES]`, summed
+    /// in LANES registers.
+    #[inline(always)]
+    unsafe fn weighted_sum<const LANES: usize>(
+        acc: &mut [f32],
+        p: &[f32],
+        values: &[f32],
+        stride: usize,
+    ) {
+        debug_assert!(acc.len() >= 8 * LANES);
+        debug_assert!(p.is_empty() || values.len() >= (p.len() - 1) * stride + 8 * LANES);
+        unsafe {
+            let mut sum = [_mm256_setzero_ps(); LANES];
+            for (i, &w) in p.iter().enumerate() {
+                let (w, v) = (_mm256_set1_ps(w), values.as_ptr().add(i * stride));
+                for (u, s) in sum.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(u * 8)), *s);
+                }
+            }
+            for (u, s) in sum.iter().enumerate() {
+                let dst = acc.as_mut_ptr().add(u * 8);
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), *s));
+            }
+        }
+    }
 }
 
 /// `dst` = row `r` of the attention output from its blocks' partial softmaxes.
@@ -905,7 +1023,13 @@ mod tests {
     #[test]
     fn few_rows_times_transposed_matches_matmul() {
         let dev = Device::Cpu;
-        for (t, n, k) in [(1, 5, 7), (1, 300, 576), (3, 1000, 40), (FEW_ROWS, 33, 129)] {
+        for (t, n, k) in [
+            (1, 5, 7),
+            (1, 300, 576),
+            (3, 1000, 40),
+            (2, 77, 64),
+            (FEW_ROWS, 33, 129),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (t, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
@@ -962,14 +1086,21 @@ mod tests {
         Tensor::cat(&copies, 0).unwrap()
     }
 
+    /// Head dims 16 and 80 take the AVX2 kernel where the CPU has it (80: one group of 64
+    /// output channels and one of 16), 12 the portable loop; 600 keys make three blocks, the
+    /// last partial, and sinks 2 and 4 split a group of eight keys or fill half of one.
     #[test]
     fn few_query_attention_matches_candle_with_sinks_masks_and_both_layouts() {
         let dev = Device::Cpu;
-        let (nh, nkv, hd, n) = (6, 2, 16, 600); // 600 keys: three blocks, the last partial
-        for (t, layout, half, sinks, masked) in [
-            (1, PairLayout::Interleaved, 8, None, false),
-            (1, PairLayout::HalfSplit, 4, Some(4), false),
-            (3, PairLayout::HalfSplit, 8, Some(2), true),
+        let (nh, nkv, n) = (6, 2, 600);
+        for (t, hd, layout, half, sinks, masked) in [
+            (1, 16, PairLayout::Interleaved, 8, None, false),
+            (1, 16, PairLayout::HalfSplit, 4, Some(4), false),
+            (3, 16, PairLayout::HalfSplit, 8, Some(2), true),
+            (1, 80, PairLayout::HalfSplit, 40, Some(4), false),
+            (2, 80, PairLayout::Interleaved, 16, Some(3), true),
+            (1, 12, PairLayout::Interleaved, 6, Some(4), false),
+            (3, 12, PairLayout::HalfSplit, 4, None, true),
         ] {
             let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
             let (q, q_sink, k, v) = (
@@ -1006,7 +1137,7 @@ mod tests {
             let diff = max_abs_diff(&got, &attention_by_candle(&a));
             assert!(
                 diff < 1e-5,
-                "t={t} {layout:?} sinks {sinks:?} masked {masked}: {diff}"
+                "t={t} hd={hd} {layout:?} sinks {sinks:?} masked {masked}: {diff}"
             );
         }
     }

@@ -793,6 +793,8 @@ mod avx2 {
 
     /// The dot products of `q` (hd) with each of the GROUP rows of `keys` (GROUP x hd):
     /// vertical sums, then one transposing reduction for all eight.
+    ///
+    /// Safety: only inlined into code compiled for AVX2 and FMA; `hd` a multiple of 8.
     #[inline(always)]
     unsafe fn dots8(q: &[f32], keys: &[f32]) -> __m256 {
         let hd = q.len();
@@ -823,6 +825,8 @@ mod avx2 {
 
     /// `acc[..8 LANES] += sum over keys i of p[i] * values[i * stride..][..8 LANES]`, summed
     /// in LANES registers.
+    ///
+    /// Safety: only inlined into code compiled for AVX2 and FMA; `values` holds every row read.
     #[inline(always)]
     unsafe fn weighted_sum<const LANES: usize>(
         acc: &mut [f32],

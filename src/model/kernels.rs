@@ -640,11 +640,8 @@ fn attend_block_generic(b: &KeyBlock<'_>) -> Partial {
     let rows = b.q.len() / hd;
     let mut scores = vec![0f32; rows * len];
     let mut placed = vec![0f32; hd];
-    for (i, j) in b.keys.clone().enumerate() {
-        let key = b.key(j, &mut placed);
-        for (r, q_row) in b.queries_of(j).chunks_exact(hd).enumerate() {
-            scores[r * len + i] = lane_dot(q_row, key) + b.bias(r, j);
-        }
+    for i in 0..len {
+        b.score_key(i, &mut placed, &mut scores);
     }
     let mut part = b.softmax(&mut scores);
     for (i, j) in b.keys.clone().enumerate() {
@@ -674,6 +671,17 @@ impl KeyBlock<'_> {
             PairLayout::HalfSplit => rope_half_split_row_generic(placed, key, cos, sin),
         }
         placed
+    }
+
+    /// Scores the block's key `i` (rotated in `placed`, hd long) against every query row:
+    /// `scores[r * len + i]`, rows of the block's length.
+    #[inline(always)]
+    fn score_key(&self, i: usize, placed: &mut [f32], scores: &mut [f32]) {
+        let (j, len) = (self.keys.start + i, self.keys.len());
+        let key = self.key(j, placed);
+        for (r, q_row) in self.queries_of(j).chunks_exact(self.hd).enumerate() {
+            scores[r * len + i] = lane_dot(q_row, key) + self.bias(r, j);
+        }
     }
 
     /// The query rows that score key `j`: the sink queries for a sink.
@@ -747,11 +755,8 @@ mod avx2 {
             // Eight keys scored at once share their queries: the last, partial group and a
             // group across the end of the sinks go key by key.
             if n < GROUP || (first < b.n_sink && first + GROUP > b.n_sink) {
-                for (g, j) in (first..first + n).enumerate() {
-                    let key = b.key(j, &mut placed[..hd]);
-                    for (r, q_row) in b.queries_of(j).chunks_exact(hd).enumerate() {
-                        scores[r * len + i + g] = super::lane_dot(q_row, key) + b.bias(r, j);
-                    }
+                for g in i..i + n {
+                    b.score_key(g, &mut placed[..hd], &mut scores);
                 }
                 continue;
             }
@@ -768,8 +773,10 @@ mod avx2 {
                 let dst = &mut scores[r * len + i..][..GROUP];
                 // SAFETY: q_row holds hd floats, keys GROUP rows of hd, dst GROUP.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), dots8(q_row, keys)) };
-                for (g, s) in dst.iter_mut().enumerate() {
-                    *s += b.bias(r, first + g);
+                if b.mask.is_some() {
+                    for (g, s) in dst.iter_mut().enumerate() {
+                        *s += b.bias(r, first + g);
+                    }
                 }
             }
         }

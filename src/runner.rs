@@ -73,8 +73,8 @@ pub fn load_model(spec: &Path, compute: &Compute) -> Result<LoadedModel> {
         ),
     };
     let mut model = model.map_err(|e| too_large_or(e, spec, compute, &weight_files))?;
-    if device.is_cpu() && *dtype != DType::F32 {
-        model.store_linear_weights(*dtype)?;
+    if device.is_cpu() {
+        model.place_linear_weights(*dtype)?;
     }
     let tokenizer = TextTokenizer::for_resolved(&resolved)?;
     tokenizer

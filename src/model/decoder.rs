@@ -8,8 +8,9 @@ use candle_nn::Embedding;
 
 use super::attention::{Attention, AttnPlan, Visibility};
 use super::kv_cache::KvCache;
-use super::linear::Linear;
+use super::linear::{self, Linear};
 use super::ops;
+use super::{kernels, team};
 
 /// The shapes engines, caches and records need, whatever the family.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -63,6 +64,21 @@ pub enum Mlp {
 }
 
 impl Mlp {
+    /// Its two matrices, in the order they are applied.
+    fn matrices(&self) -> (&Linear, &Linear) {
+        match self {
+            Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => (gate_up, down),
+            Mlp::Gelu { up, down, .. } => (up, down),
+        }
+    }
+
+    fn matrices_mut(&mut self) -> (&mut Linear, &mut Linear) {
+        match self {
+            Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => (gate_up, down),
+            Mlp::Gelu { up, down, .. } => (up, down),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::GatedSilu { gate_up, down } => down.forward(&ops::silu_mul(&gate_up.forward(x)?)?),
@@ -134,7 +150,7 @@ pub struct Model {
     final_norm: Norm,
     lm_head: Linear,
     /// Whether the head is the input embedding (counted once; its weights may be stored apart
-    /// from the embedding's, see [`Model::store_linear_weights`]).
+    /// from the embedding's, see [`Model::place_linear_weights`]).
     tied_head: bool,
     attention: Attention,
     /// Multiplies the embeddings on their way in, not the tied LM head (Gemma: sqrt(hidden)).
@@ -288,34 +304,27 @@ impl Model {
         self.blocks
             .iter()
             .flat_map(|b| {
-                let (first, second) = match &b.mlp {
-                    Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => {
-                        (gate_up, down)
-                    }
-                    Mlp::Gelu { up, down, .. } => (up, down),
-                };
+                let (first, second) = b.mlp.matrices();
                 [&b.qkv, &b.out, first, second]
             })
             .chain([&self.lm_head])
     }
 
-    /// Stores every linear layer's weights in `dtype` (the CPU's `--dtype bf16`: half the
-    /// bytes a token reads); embeddings, norms, activations and the cache stay as they are.
-    pub fn store_linear_weights(&mut self, dtype: DType) -> Result<()> {
-        self.lm_head = self.lm_head.with_weight_dtype(dtype)?;
-        for b in &mut self.blocks {
-            b.qkv = b.qkv.with_weight_dtype(dtype)?;
-            b.out = b.out.with_weight_dtype(dtype)?;
-            match &mut b.mlp {
-                Mlp::GatedSilu { gate_up, down } | Mlp::GatedGelu { gate_up, down } => {
-                    *gate_up = gate_up.with_weight_dtype(dtype)?;
-                    *down = down.with_weight_dtype(dtype)?;
-                }
-                Mlp::Gelu { up, down, .. } => {
-                    *up = up.with_weight_dtype(dtype)?;
-                    *down = down.with_weight_dtype(dtype)?;
-                }
-            }
+    /// Stores every linear layer's weights on the CPU in `dtype` (`--dtype bf16`: half the
+    /// bytes a token reads), packed on huge pages where the OS grants them (see
+    /// [`linear::place_weights`]); norms, activations and the cache stay as they are. A head
+    /// tied to the embeddings in f32 stays one tensor: the embeddings then read the placed copy.
+    pub fn place_linear_weights(&mut self, dtype: DType) -> Result<()> {
+        let mut linears: Vec<&mut Linear> = (self.blocks.iter_mut())
+            .flat_map(|b| {
+                let (first, second) = b.mlp.matrices_mut();
+                [&mut b.qkv, &mut b.out, first, second]
+            })
+            .chain([&mut self.lm_head])
+            .collect();
+        linear::place_weights(&mut linears, dtype)?;
+        if self.tied_head && dtype == self.embed.embeddings().dtype() {
+            self.embed = Embedding::new(self.lm_head.weight().clone(), self.dims.hidden_size);
         }
         Ok(())
     }
@@ -368,6 +377,24 @@ impl Model {
     /// Feeds `tokens` under `plan`, writing their keys and values into `cache`.
     /// Returns the final-normed hidden states (T, hidden).
     pub fn forward(&self, tokens: &[u32], plan: &AttnPlan, cache: &mut KvCache) -> Result<Tensor> {
+        self.in_team_for(tokens.len(), || self.forward_alone(tokens, plan, cache))
+    }
+
+    /// `work()`, its loops on a spinning [`team`] when it is a few rows on the CPU (the token
+    /// engine's steps: some 150 short loops each), else on rayon as they come.
+    fn in_team_for<R: Send>(&self, rows: usize, work: impl FnOnce() -> R + Send) -> R {
+        match self.device.is_cpu() && rows <= kernels::FEW_ROWS {
+            true => team::with_team(work),
+            false => work(),
+        }
+    }
+
+    fn forward_alone(
+        &self,
+        tokens: &[u32],
+        plan: &AttnPlan,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         // A capped layer's cache (see `layer_caps`) drops its oldest keys first; it then
         // attends over the slots it still stores, from `cache.start(layer)` on.
         cache.make_room(plan.write_at, plan.write_at + tokens.len())?;
@@ -513,7 +540,7 @@ impl Model {
     /// log-softmax in f32 (what a generator picks the next token from).
     pub fn log_probs(&self, hidden: &Tensor) -> Result<Vec<f32>> {
         let last = hidden.narrow(0, hidden.dim(0)? - 1, 1)?;
-        let logits = (self.lm_head.forward(&last)?)
+        let logits = (self.in_team_for(1, || self.lm_head.forward(&last))?)
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -529,7 +556,8 @@ impl Model {
         let mut out = Vec::with_capacity(targets.len());
         for start in (0..targets.len()).step_by(tile) {
             let n = tile.min(targets.len() - start);
-            let logits = self.lm_head.forward(&hidden.narrow(0, start, n)?)?; // (n, vocab)
+            let rows = hidden.narrow(0, start, n)?;
+            let logits = self.in_team_for(n, || self.lm_head.forward(&rows))?; // (n, vocab)
             out.extend(ops::nll_from_logits(&logits, &targets[start..start + n])?);
         }
         Ok(out)

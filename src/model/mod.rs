@@ -12,6 +12,7 @@ pub mod falcon;
 pub mod gemma3;
 pub mod gguf;
 pub mod hf;
+pub mod huge_pages;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
@@ -21,6 +22,7 @@ pub mod neox;
 pub mod ops;
 pub mod random;
 pub mod rope;
+pub mod team;
 pub mod weights;
 
 pub use attention::{AttnPlan, SinkRotation, Visibility};

@@ -50,7 +50,8 @@ pub struct BenchReport {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenFloor {
     /// Read bandwidth, GB/s: the best of several passes summing a buffer far larger than the
-    /// caches, on the bench's threads.
+    /// caches, on the bench's threads, on huge pages where granted, each pass with and without
+    /// software prefetch (the weights' placement and the kernel's reads).
     #[serde(with = "float")]
     pub read_gb_per_s: f64,
     pub buffer_bytes: u64,

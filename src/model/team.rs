@@ -10,6 +10,7 @@
 //! rayon, so the kernels do not care which runs them.
 
 use std::cell::{Cell, UnsafeCell};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
@@ -22,17 +23,25 @@ pub fn with_team<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     if helpers == 0 || LEADS.get() || TEAM.taken.swap(true, Ordering::Acquire) {
         return work();
     }
+    let _taken = Taken;
     let stop = AtomicBool::new(false);
-    let result = rayon::scope(|scope| {
+    rayon::scope(|scope| {
         for _ in 0..helpers {
             scope.spawn(|_| TEAM.help(&stop));
         }
         // Releases the helpers even if `work` panics (the scope waits for them).
         let _lead = Lead::start(&stop);
         work()
-    });
-    TEAM.taken.store(false, Ordering::Release);
-    result
+    })
+}
+
+/// The team is this call's until dropped (a panic included).
+struct Taken;
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        TEAM.taken.store(false, Ordering::Release);
+    }
 }
 
 /// This thread's lead of the team, until dropped: then the helpers stop.
@@ -151,10 +160,14 @@ impl Team {
         let generation =
             (self.state.load(Ordering::Relaxed) & !(GENERATION - 1)).wrapping_add(GENERATION);
         self.state.store(generation, Ordering::Release);
-        self.claim_chunks(chunks, body);
+        // A panicking body must not unwind past helpers still running it.
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.claim_chunks(chunks, body)));
         let joined = self.state.fetch_or(CLOSED, Ordering::AcqRel) & (CLOSED - 1);
         while (self.finished.0.load(Ordering::Acquire) as u64) < joined {
             std::hint::spin_loop();
+        }
+        if let Err(panic) = outcome {
+            resume_unwind(panic)
         }
     }
 
@@ -187,8 +200,14 @@ impl Team {
             // SAFETY: joined to an open job: the leader does not rewrite the slot until this
             // helper counts itself finished.
             let job = unsafe { (*self.job.get()).expect("an open job is in the slot") };
-            self.claim_chunks(job.chunks, unsafe { &*job.body });
+            // SAFETY: the body lives until the leader sees this helper finished.
+            let body = unsafe { &*job.body };
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.claim_chunks(job.chunks, body)));
             self.finished.0.fetch_add(1, Ordering::Release);
+            if let Err(panic) = outcome {
+                // Out of the team; the scope of `with_team` passes the panic on.
+                resume_unwind(panic)
+            }
         }
     }
 }
@@ -239,6 +258,25 @@ mod tests {
         });
         assert!(sums.iter().enumerate().all(|(i, &v)| v == i as u64 + 200));
         assert_eq!(squares, (0..1000).map(|i| i * i).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_panicking_loop_body_reaches_the_caller_and_later_teams_still_work() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let caught = pool.install(|| {
+            std::panic::catch_unwind(|| {
+                with_team(|| {
+                    let mut data = vec![0u8; 64];
+                    for_each_chunk_mut(&mut data, 1, |i, _| assert!(i != 40, "chunk 40"));
+                })
+            })
+        });
+        assert!(caught.is_err());
+        let again = pool.install(|| with_team(|| map(100, |i| i).iter().sum::<usize>()));
+        assert_eq!(again, 4950);
     }
 
     #[test]

@@ -173,7 +173,7 @@ fn fill_rows(
 ) -> Result<Tensor> {
     let shape = shape.into();
     let mut out = vec![0f32; shape.elem_count()];
-    // Enough rows per rayon task to amortize the scheduling.
+    // Enough rows per task to amortize the scheduling.
     let rows_per_task = (16_384 / row_len.max(1)).max(1);
     with_slices(inputs, |ins| {
         team::for_each_chunk_mut(&mut out, row_len * rows_per_task, |task, rows| {
@@ -395,7 +395,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 pub const FEW_ROWS: usize = 8;
 
 /// `x (t, k) . w (n, k)^T + bias (n)` for few rows `t` (the token engine's one-token steps):
-/// output columns split over rayon's pool, each weight row read once and dotted with every
+/// output columns split over the threads, each weight row read once and dotted with every
 /// row of `x`. candle's gemm runs `t = 1` as a single-threaded gemv, which leaves half of a
 /// 2-core machine's memory bandwidth (the floor of a one-token step) unused.
 pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -431,7 +431,7 @@ const MIN_WEIGHTS_PER_TASK: usize = 32_768;
 const TASKS_PER_THREAD: usize = 2;
 
 /// `(n, t)`: each row of `w` (`k` wide) dotted with the `t` rows of `x`, plus its bias, the
-/// weight rows split over rayon's pool.
+/// weight rows split over the step's team or rayon's pool ([`team::for_each_chunk_mut`]).
 fn times_weight_rows<W: Sync>(
     x: &[f32],
     w: &[W],

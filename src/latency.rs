@@ -11,7 +11,7 @@ use crate::engine::block::BlockEngine;
 use crate::engine::token::TokenEngine;
 use crate::model::Model;
 use crate::records::latency::LatencyPoint;
-use crate::runner::peak_rss_bytes;
+use crate::runner::{peak_rss_bytes, reset_peak_rss};
 use crate::strategy::Strategy;
 use crate::stream::TokenStream;
 
@@ -106,11 +106,6 @@ pub fn measure_latency(
         }
     }
     Ok(points)
-}
-
-/// Resets the kernel's peak-RSS counter (VmHWM) of this process, so each method reports its own.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Milliseconds per token of `steps` calls of `f(i)`, i = 0..steps.

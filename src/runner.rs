@@ -744,8 +744,11 @@ fn approximation_note(opts: &EvalOptions, m: &crate::eval::Metrics) -> Option<St
     ))
 }
 
-/// Resets the kernel's peak-RSS counter (VmHWM) of this process, so each run reports its own.
-fn reset_peak_rss() {
+/// Resets the kernel's peak-RSS counter (VmHWM) of this process, so each run (or latency
+/// method) reports its own: what earlier work freed goes back to the OS first, rather than
+/// count in this run's peak.
+pub fn reset_peak_rss() {
+    crate::model::huge_pages::return_freed_memory();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 

@@ -16,6 +16,8 @@ const GROUP_BYTES: usize = 64 << 20;
 /// packed into allocations of about [`GROUP_BYTES`] on huge pages where the OS grants them
 /// (the token engine streams them all every step; see [`huge_pages`]). Biases stay as they are.
 pub fn place_weights(linears: &mut [&mut Linear], dtype: DType) -> Result<()> {
+    // What loading freed (dequantized and fused copies) goes back before the copies here.
+    huge_pages::return_freed_memory();
     let mut start = 0;
     while start < linears.len() {
         let (mut end, mut bytes) = (start, 0);

@@ -427,8 +427,12 @@ pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) 
 /// more than the second thread saves.
 const MIN_WEIGHTS_PER_TASK: usize = 32_768;
 
-/// Matrix-vector tasks per thread, at most (see `times_weight_rows`).
+/// Matrix-vector tasks per thread of a matrix split evenly, at most (see [`task_bounds`]).
 const TASKS_PER_THREAD: usize = 2;
+
+/// The shares of a large matrix's rows in the tiers of its tasks, one task a thread in each
+/// tier, handed out in order (see [`task_bounds`]).
+const TIERS: [f64; 3] = [0.8, 0.14, 0.06];
 
 /// `(n, t)`: each row of `w` (`k` wide) dotted with the `t` rows of `x`, plus its bias, the
 /// weight rows split over the step's team or rayon's pool ([`team::for_each_chunk_mut`]).
@@ -440,23 +444,17 @@ fn times_weight_rows<W: Sync>(
     dot: fn(&mut [f32], &[W], &[f32], usize),
 ) -> Vec<f32> {
     let (t, n) = (x.len() / k, w.len() / k);
-    // Few tasks, of one size, as many as a multiple of the threads: each task is one
-    // sequential read, and every switch to a new task restarts the prefetch. Measured on the
-    // token engine (2-core Xeon, team of 2, sink:4+1020, 1200 tokens, two runs each): tasks of
-    // 16, 32, 64 and 128 Ki weights ran 39.1, 41.9, 44.5 and 46.3 tok/s; at most 1, 2, 3 and 4
-    // tasks per thread 49.0, 48.2, 47.6 and 46.4. Two, so that a thread that starts late
-    // holds the other up for a quarter of a matrix, not half. (With 9 tasks on 2 threads, as
-    // the fused QKV of SmolLM2 once was, one thread read 5 while the other waited after 4.)
-    let threads = rayon::current_num_threads();
-    let tasks = (n * k)
-        .div_ceil(MIN_WEIGHTS_PER_TASK)
-        .min(TASKS_PER_THREAD * threads)
-        .next_multiple_of(threads)
-        .clamp(1, n.max(1));
-    let cols_per_task = n.div_ceil(tasks).max(1);
+    let bounds = task_bounds(n, k, rayon::current_num_threads());
     let mut out_t = vec![0f32; n * t]; // (n, t): each task writes whole rows
-    team::for_each_chunk_mut(&mut out_t, t * cols_per_task, |task, dst| {
-        let first = task * cols_per_task;
+    let mut tasks: Vec<(usize, &mut [f32])> = Vec::with_capacity(bounds.len());
+    let mut rest = &mut out_t[..];
+    for cols in bounds.windows(2) {
+        let (dst, after) = rest.split_at_mut((cols[1] - cols[0]) * t);
+        tasks.push((cols[0], dst));
+        rest = after;
+    }
+    team::for_each_chunk_mut(&mut tasks, 1, |_, task| {
+        let (first, dst) = (task[0].0, &mut *task[0].1);
         let cols = dst.len() / t;
         dot(dst, &w[first * k..(first + cols) * k], x, k);
         if let Some(b) = bias {
@@ -466,6 +464,44 @@ fn times_weight_rows<W: Sync>(
         }
     });
     out_t
+}
+
+/// The column bounds `[0, .., n]` of the tasks of an (n, k) matrix-vector product on
+/// `threads` threads, which claim them in order.
+///
+/// Few tasks: each is one sequential read, and every switch to a new task restarts the
+/// prefetch. Measured on the token engine (2-core Xeon, team of 2, sink:4+1020, 1200 tokens,
+/// two runs each): tasks of 16, 32, 64 and 128 Ki weights ran 39.1, 41.9, 44.5 and 46.3 tok/s.
+/// But with one or two tasks a thread, the thread done first waited for the other's last task
+/// (the helper spun 8% of a step, half of it while the leader ran the step's serial parts; the
+/// leader waited 2%): a large matrix is therefore cut into
+/// tiers of decreasing size ([`TIERS`], one task a thread each), so that what one thread is
+/// left with at the end is a few percent of the matrix. In alternating rounds of 60 steps over
+/// the full cache (the bench's paired measurement, 8 rounds each, same process), the tiers ran
+/// 46.3-48.5 tok/s (mean 47.6) against 45.3-48.0 (mean 46.5) for two even tasks a thread.
+fn task_bounds(n: usize, k: usize, threads: usize) -> Vec<usize> {
+    let threads = threads.max(1);
+    let most = (n * k).div_ceil(MIN_WEIGHTS_PER_TASK);
+    if most >= TASKS_PER_THREAD * threads && n >= 64 * TIERS.len() * threads {
+        let mut bounds = vec![0];
+        let mut done = 0.0;
+        for share in TIERS {
+            for _ in 0..threads {
+                done += share / threads as f64;
+                bounds.push(((done * n as f64).round() as usize).min(n));
+            }
+        }
+        *bounds.last_mut().expect("tiers hold tasks") = n;
+        return bounds;
+    }
+    let tasks = most
+        .min(TASKS_PER_THREAD * threads)
+        .next_multiple_of(threads)
+        .clamp(1, n.max(1));
+    let cols_per_task = n.div_ceil(tasks).max(1);
+    let mut bounds: Vec<usize> = (0..n).step_by(cols_per_task).collect();
+    bounds.push(n);
+    bounds
 }
 
 /// A weight element the matrix-vector kernel reads: f32, or bf16 widened as it is read.
@@ -1248,5 +1284,36 @@ mod tests {
         };
         let copied = (k.contiguous().unwrap(), v.contiguous().unwrap());
         assert_eq!(attend(&k, &v), attend(&copied.0, &copied.1));
+    }
+
+    #[test]
+    fn task_bounds_cover_every_row_once_and_tier_large_matrices() {
+        for threads in [1, 2, 3, 16] {
+            for (n, k) in [
+                (0, 64),
+                (1, 64),
+                (7, 8),
+                (960, 576),
+                (1536, 576),
+                (49_152, 576),
+            ] {
+                let bounds = task_bounds(n, k, threads);
+                assert_eq!(
+                    (bounds[0], *bounds.last().unwrap()),
+                    (0, n),
+                    "{n}x{k}, {threads}"
+                );
+                assert!(bounds.windows(2).all(|b| b[0] < b[1]), "{bounds:?}");
+            }
+            // A large matrix: one task a thread in each tier, shrinking tier by tier.
+            let bounds = task_bounds(49_152, 576, threads);
+            let sizes: Vec<usize> = bounds.windows(2).map(|b| b[1] - b[0]).collect();
+            assert_eq!(sizes.len(), TIERS.len() * threads);
+            assert!(sizes[0] > sizes[threads] && sizes[threads] > sizes[2 * threads]);
+        }
+        // A small one is split evenly, in a multiple of the threads.
+        assert_eq!(task_bounds(16, 4096, 2), vec![0, 8, 16]);
+        assert_eq!(task_bounds(64, 4096, 2), vec![0, 16, 32, 48, 64]);
+        assert_eq!(task_bounds(64, 64, 2), vec![0, 32, 64]);
     }
 }

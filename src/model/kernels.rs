@@ -474,13 +474,16 @@ fn times_weight_rows<W: Sync>(
 /// Few tasks: each is one sequential read, and every switch to a new task restarts the
 /// prefetch. Measured on the token engine (2-core Xeon, team of 2, sink:4+1020, 1200 tokens,
 /// two runs each): tasks of 16, 32, 64 and 128 Ki weights ran 39.1, 41.9, 44.5 and 46.3 tok/s.
-/// But with one or two tasks a thread, the thread done first waited for the other's last task
-/// (the helper spun 8% of a step, half of it while the leader ran the step's serial parts; the
-/// leader waited 2%): a large matrix is therefore cut into
-/// tiers of decreasing size ([`TIERS`], one task a thread each), so that what one thread is
-/// left with at the end is a few percent of the matrix. In alternating rounds of 60 steps over
-/// the full cache (the bench's paired measurement, 8 rounds each, same process), the tiers ran
-/// 46.3-48.5 tok/s (mean 47.6) against 45.3-48.0 (mean 46.5) for two even tasks a thread.
+/// But with one or two even tasks a thread, the thread done first waited for the other's last
+/// one (the helper spun 8% of a step, half of it during the leader's serial ops; the leader
+/// waited 2%). A large matrix is therefore cut into tiers of decreasing size ([`TIERS`], one
+/// task a thread each), so that what one thread is left with at the end is a few percent of
+/// the matrix. In rounds of 60 steps over the full cache alternating in one process (the
+/// bench's paired measurement, a build switching by an environment variable, 8 rounds each)
+/// the tiers ran 46.3-48.5 tok/s (mean 47.6) against 45.3-48.0 (mean 46.5) for two even tasks
+/// a thread; the commit's own build, 2000 tokens in three alternating pairs, 49.9-50.7 against
+/// 48.5-49.6. A matrix of fewer weights than two tasks a thread of [`MIN_WEIGHTS_PER_TASK`],
+/// or of fewer rows than 64 a tiered task, is split evenly as before.
 fn task_bounds(n: usize, k: usize, threads: usize) -> Vec<usize> {
     let threads = threads.max(1);
     let most = (n * k).div_ceil(MIN_WEIGHTS_PER_TASK);

@@ -17,21 +17,55 @@ const HUGE_PAGE: usize = 2 << 20;
 /// elsewhere than Linux, nothing changes.
 pub fn advise<T>(spare: &mut [MaybeUninit<T>]) {
     #[cfg(target_os = "linux")]
-    {
-        let start = spare.as_mut_ptr() as usize;
-        let end = start + std::mem::size_of_val(spare);
-        let (from, to) = (
-            start.next_multiple_of(HUGE_PAGE),
-            end / HUGE_PAGE * HUGE_PAGE,
-        );
-        if to > from {
-            // SAFETY: the range lies inside `spare`, which we borrow mutably; MADV_HUGEPAGE
-            // changes how its pages are backed, never their contents.
-            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
-        }
+    // SAFETY: `spare` is borrowed mutably; MADV_HUGEPAGE changes how its pages are backed,
+    // never their contents.
+    unsafe {
+        advise_whole_pages(
+            spare.as_ptr(),
+            std::mem::size_of_val(spare),
+            libc::MADV_HUGEPAGE,
+        )
     }
     #[cfg(not(target_os = "linux"))]
     let _ = spare;
+}
+
+/// Linux's `MADV_COLLAPSE` (6.1 on; older kernels refuse it with EINVAL, changing nothing).
+#[cfg(target_os = "linux")]
+const MADV_COLLAPSE: libc::c_int = 25;
+
+/// Has the OS move the whole huge pages inside `data`, written already, onto huge pages now. A
+/// hint, like [`advise`], which only reaches memory not yet touched: where the allocator hands
+/// back memory it had freed, the parts still backed by 4 KiB pages stay so. The loader's
+/// freed copies left 90 MB of SmolLM2's 538 MB of placed f32 weights on 4 KiB pages (smaps:
+/// 373 against 465 MB of huge pages in the weights' mapping after collapsing), and the token
+/// engine ran 50.2-51.4 tok/s without collapsing against 52.2-53.5 with it (2,000 tokens,
+/// three alternating pairs on the 2-core Xeon, NLLs identical).
+pub fn collapse<T>(data: &[T]) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `data` is borrowed; MADV_COLLAPSE copies its pages into huge pages, never
+    // changing their contents.
+    unsafe {
+        advise_whole_pages(data.as_ptr(), std::mem::size_of_val(data), MADV_COLLAPSE)
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = data;
+}
+
+/// `madvise(advice)` over the whole huge pages of the `bytes` from `start`.
+///
+/// Safety: the bytes are one allocation of the caller's, and `advice` keeps their contents.
+#[cfg(target_os = "linux")]
+unsafe fn advise_whole_pages<T>(start: *const T, bytes: usize, advice: libc::c_int) {
+    let start = start as usize;
+    let (from, to) = (
+        start.next_multiple_of(HUGE_PAGE),
+        (start + bytes) / HUGE_PAGE * HUGE_PAGE,
+    );
+    if to > from {
+        // SAFETY: the range lies inside the caller's allocation (see above).
+        unsafe { libc::madvise(from as *mut libc::c_void, to - from, advice) };
+    }
 }
 
 /// `n` copies of `value`, on huge pages where granted.
@@ -39,6 +73,7 @@ pub fn filled<T: Clone>(n: usize, value: T) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     advise(v.spare_capacity_mut());
     v.resize(n, value);
+    collapse(&v);
     v
 }
 

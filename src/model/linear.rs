@@ -52,6 +52,7 @@ fn packed<T: WithDType>(weights: &[&Tensor]) -> Result<Vec<Tensor>> {
         offsets.push(buffer.len());
         buffer.extend(w.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?);
     }
+    huge_pages::collapse(&buffer);
     let buffer = Tensor::from_vec(buffer, total, &Device::Cpu)?;
     (weights.iter().zip(offsets))
         .map(|(w, at)| buffer.narrow(0, at, w.elem_count())?.reshape(w.shape()))

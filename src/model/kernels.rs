@@ -834,32 +834,44 @@ mod avx2 {
         for i in (0..len).step_by(GROUP) {
             let first = b.keys.start + i;
             let n = GROUP.min(len - i);
-            // The keys two groups on, and this group's values for the weighted sums after the
-            // softmax: the first reads of both came straight from memory (see `ask_for`).
-            // sink:4+1020 over 2500 tokens, two runs each: 44.0, 44.3 tok/s without, 45.3,
-            // 46.0 asking one group ahead, 45.9, 46.3 two. (On the AMD EPYC of an earlier
-            // session, keys and values two groups ahead had been slower: re-measure there.)
-            ask_for(
-                b.k.as_ptr().wrapping_add((first + 2 * GROUP) * hd),
-                GROUP * hd,
-            );
-            ask_for(b.v.as_ptr().wrapping_add(first * hd), GROUP * hd);
+            // Each key asks for the row of the key two groups on and for its own value row
+            // (read by the weighted sums after the softmax): the first reads of both came
+            // straight from memory (see `ask_for`). sink:4+1020 over 2500 tokens, two runs
+            // each: 44.0, 44.3 tok/s without, 45.3, 46.0 asking one group ahead, 45.9, 46.3
+            // two. Asking key by key, between the keys' rotations, rather than for the whole
+            // group at once: the asks of a group all at once filled the core's line-fill
+            // buffers and stalled it (in a C model of this loop, 24 against 35 GB/s on two
+            // threads); in the kernel, 31,000 against 27,500 cycles a block of 256 keys, 67
+            // against 62 us a layer (2000 tokens, average over the cache's growth). (On the AMD
+            // EPYC of an earlier session, keys and values two groups ahead had been slower:
+            // re-measure there.)
+            let ahead = b.k.as_ptr().wrapping_add((first + 2 * GROUP) * hd);
+            let values = b.v.as_ptr().wrapping_add(first * hd);
+            let ask_row = |g: usize| {
+                ask_for(ahead.wrapping_add(g * hd), hd);
+                ask_for(values.wrapping_add(g * hd), hd);
+            };
             // Eight keys scored at once share their queries: the last, partial group and a
             // group across the end of the sinks go key by key.
             if n < GROUP || (first < b.n_sink && first + GROUP > b.n_sink) {
-                for g in i..i + n {
-                    b.score_key(g, &mut placed[..hd], &mut scores);
+                for g in 0..n {
+                    ask_row(g);
+                    b.score_key(i + g, &mut placed[..hd], &mut scores);
                 }
                 continue;
             }
             let keys = match b.rope {
                 Some(_) => {
                     for (g, row) in placed.chunks_exact_mut(hd).enumerate() {
+                        ask_row(g);
                         b.key(first + g, row);
                     }
                     &placed[..]
                 }
-                None => &b.k[first * hd..(first + GROUP) * hd],
+                None => {
+                    (0..GROUP).for_each(ask_row);
+                    &b.k[first * hd..(first + GROUP) * hd]
+                }
             };
             for (r, q_row) in b.queries_of(first).chunks_exact(hd).enumerate() {
                 let dst = &mut scores[r * len + i..][..GROUP];

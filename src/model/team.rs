@@ -69,7 +69,7 @@ pub fn for_each_chunk_mut<T: Send>(
     body: impl Fn(usize, &mut [T]) + Sync,
 ) {
     let chunk_len = chunk_len.max(1);
-    if data.len() <= chunk_len {
+    if (1..=chunk_len).contains(&data.len()) {
         // One chunk: handing it out to the team would only add the threads' handshake. A
         // one-token step of SmolLM2 has 121 such loops (norms, rotations, the MLP's gate):
         // inline, the step's serial part shrank by some 30 us (2000 tokens, timers in the team).
@@ -284,6 +284,26 @@ mod tests {
         assert!(caught.is_err());
         let again = pool.install(|| with_team(|| map(100, |i| i).iter().sum::<usize>()));
         assert_eq!(again, 4950);
+    }
+
+    #[test]
+    fn empty_and_one_chunk_loops_call_the_body_once_per_chunk() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            with_team(|| {
+                assert!(map(0, |i| i).is_empty());
+                assert_eq!(map(1, |i| i + 7), vec![7]);
+                let calls = AtomicUsize::new(0);
+                for_each_chunk_mut(&mut [0u8; 0], 4, |_, _| {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                });
+                assert_eq!(calls.into_inner(), 0);
+            })
+        });
+        assert!(map(0, |i| i).is_empty());
     }
 
     #[test]

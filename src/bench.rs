@@ -11,8 +11,11 @@ use crate::corpus::load_corpora;
 use crate::engine::EngineKind;
 use crate::engine::token::TokenEngine;
 use crate::eval::{EvalOptions, TokenizedCorpus};
+use crate::model::step_tally::{self, Tally, Work};
 use crate::model::{Model, huge_pages, kernels};
-use crate::records::bench::{BenchReport, Machine, Measurement, PairedRound, TokenFloor};
+use crate::records::bench::{
+    BenchReport, Machine, Measurement, PairedRound, StepBreakdown, StepPart, TokenFloor,
+};
 use crate::runner::{Compute, LoadedModel, RunPolicy, load_model, progress_bar, run_one, versions};
 use crate::strategy::Strategy;
 
@@ -143,9 +146,9 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
     let weight_bytes = lm.model.weight_bytes_per_token() as u64;
     // The token engine's sink:4+1020 cache holds S + W + 1 slots once full.
     let kv_bytes = (lm.model.kv_bytes_per_slot() * 1025) as u64;
-    let paired = match compute.device.is_cpu() {
+    let (paired, step_breakdown) = match compute.device.is_cpu() {
         true => paired_floor(&lm.model, &tokenized, weight_bytes, sizes.paired)?,
-        false => Vec::new(),
+        false => (Vec::new(), None),
     };
     drop((lm, tokenized));
     for other in also_models {
@@ -192,6 +195,7 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
             floor_with_cache_tokens_per_second: read_gb_per_s * 1e9
                 / (weight_bytes + kv_bytes) as f64,
             paired,
+            step_breakdown,
         }
     });
     let report = BenchReport {
@@ -260,14 +264,14 @@ const PAIRED_PASSES: u32 = 3;
 /// The token engine's share of the bandwidth floor measured in pairs: each of `rounds` reads
 /// the bandwidth, then times `steps` one-token steps of `sink:4+1020` over its full cache.
 /// This host's bandwidth moves by 2x between minutes, so a share from one probe and a run
-/// minutes away says as much about the minutes as about the engine. Empty when the corpus
-/// holds too few tokens (C + every round's steps + 1).
+/// minutes away says as much about the minutes as about the engine. With the rounds, where
+/// their steps went. Empty when the corpus holds too few tokens (C + every round's steps + 1).
 fn paired_floor(
     model: &Model,
     tokenized: &TokenizedCorpus,
     weight_bytes: u64,
     (rounds, steps): (usize, usize),
-) -> Result<Vec<PairedRound>> {
+) -> Result<(Vec<PairedRound>, Option<StepBreakdown>)> {
     const CACHE: usize = 1024;
     let needed = CACHE + rounds * steps + 2;
     let tokens: Vec<u32> = tokenized
@@ -278,7 +282,7 @@ fn paired_floor(
         .take(needed)
         .collect();
     if tokens.len() < needed {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let strategy = Strategy::Sink {
         sinks: 4,
@@ -295,14 +299,19 @@ fn paired_floor(
     step(CACHE)?;
     let data = huge_pages::filled(BANDWIDTH_BUFFER / 4, 1.0f32);
     let mut paired = Vec::with_capacity(rounds);
+    let (mut tallies, mut stepping) = (Vec::new(), 0.0);
     for round in 0..rounds {
         let read_gb_per_s = best_read_bandwidth(&data, PAIRED_PASSES);
         let first = CACHE + 1 + round * steps;
+        let tally = step_tally::keep();
         let started = Instant::now();
         for i in first..first + steps {
             step(i)?;
         }
-        let tokens_per_second = steps as f64 / started.elapsed().as_secs_f64();
+        let seconds = started.elapsed().as_secs_f64();
+        tallies.extend(tally.finish());
+        stepping += seconds;
+        let tokens_per_second = steps as f64 / seconds;
         paired.push(PairedRound {
             read_gb_per_s,
             steps: steps as u64,
@@ -310,7 +319,34 @@ fn paired_floor(
             share: tokens_per_second * weight_bytes as f64 / (read_gb_per_s * 1e9),
         });
     }
-    Ok(paired)
+    let breakdown = step_breakdown((rounds * steps) as u64, stepping, tallies);
+    Ok((paired, Some(breakdown)))
+}
+
+/// `tallies` (several rounds', each kind of work maybe more than once) summed by kind of work,
+/// per step of the `steps` that took `seconds`.
+fn step_breakdown(steps: u64, seconds: f64, tallies: Vec<(Work, Tally)>) -> StepBreakdown {
+    let mut summed: Vec<(Work, Tally)> = Vec::new();
+    for (work, t) in tallies {
+        match summed.iter_mut().find(|(w, _)| *w == work) {
+            Some((_, sum)) => *sum += t,
+            None => summed.push((work, t)),
+        }
+    }
+    summed.sort_by_key(|(w, _)| *w);
+    let per_step = |x: f64| x / steps.max(1) as f64;
+    StepBreakdown {
+        steps,
+        step_ms: per_step(seconds * 1e3),
+        parts: (summed.into_iter())
+            .map(|(work, t)| StepPart {
+                work: work.to_string(),
+                calls_per_step: per_step(t.calls as f64),
+                ms_per_step: per_step(t.seconds * 1e3),
+                read_gb_per_s: t.read_gb_per_s(),
+            })
+            .collect(),
+    }
 }
 
 /// A sum over 16 independent lanes, which the compiler vectorizes: memory, not a chain of
@@ -380,6 +416,31 @@ fn measure(
         ppl: r.ppl,
         model: None,
     })
+}
+
+/// Where the paired rounds' steps went, as a paragraph and a table, each kind of work's read
+/// rate beside `probe_gb_per_s` (the rounds' median bandwidth).
+fn step_breakdown_table(b: &StepBreakdown, probe_gb_per_s: f64) -> String {
+    let mut s = format!(
+        "\n\nWhere the paired rounds' {} steps went ({:.2} ms a step; each kernel's wall time as its caller saw it; the probe read {probe_gb_per_s:.1} GB/s):\n\n\
+         | work | calls a step | ms a step | read GB/s | of the probe |\n|---|---:|---:|---:|---:|\n",
+        b.steps, b.step_ms
+    );
+    for p in &b.parts {
+        s += &format!(
+            "| {} | {:.0} | {:.2} | {:.1} | {:.0}% |\n",
+            p.work,
+            p.calls_per_step,
+            p.ms_per_step,
+            p.read_gb_per_s,
+            100.0 * p.read_gb_per_s / probe_gb_per_s
+        );
+    }
+    let rest = b.step_ms - b.parts.iter().map(|p| p.ms_per_step).sum::<f64>();
+    s + &format!(
+        "| everything else (norms, rotations, hand-offs, the NLL) | | {rest:.2} | | |\n\n\
+         (Attention's bytes are its keys and values, not its RoPE tables.)"
+    )
 }
 
 /// The report as a short markdown table.
@@ -456,6 +517,10 @@ pub fn markdown(r: &BenchReport) -> String {
                 100.0 * f.token_engine_share * f.floor_tokens_per_second
                     / f.floor_with_cache_tokens_per_second
             );
+        }
+        if let Some(b) = &f.step_breakdown {
+            let probe = crate::report::median(f.paired.iter().map(|p| p.read_gb_per_s).collect());
+            s += &step_breakdown_table(b, probe);
         }
     }
     s + "\n"

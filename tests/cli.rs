@@ -319,6 +319,50 @@ fn the_quick_bench_writes_its_report() {
             .unwrap()
             .contains("Measured in pairs instead"),
     );
+    // Where those 32 steps went: SmolLM2's five weight shapes (30 layers' QKV, output, gate and
+    // up, down; one head) and 30 layers' attention, each over its own bytes, within the steps.
+    let breakdown = &floor["step_breakdown"];
+    assert_eq!(breakdown["steps"].as_u64(), Some(32), "{breakdown}");
+    let parts = breakdown["parts"].as_array().unwrap();
+    let calls: Vec<(&str, f64)> = (parts.iter())
+        .map(|p| {
+            (
+                p["work"].as_str().unwrap(),
+                p["calls_per_step"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("matrix 576x576", 30.0),
+            ("matrix 576x1536", 30.0),
+            ("matrix 960x576", 30.0),
+            ("matrix 3072x576", 30.0),
+            ("matrix 49152x576", 1.0),
+            ("attention", 30.0),
+        ],
+        "{breakdown}"
+    );
+    let ms: f64 = parts
+        .iter()
+        .map(|p| p["ms_per_step"].as_f64().unwrap())
+        .sum();
+    let step_ms = breakdown["step_ms"].as_f64().unwrap();
+    assert!(0.0 < ms && ms < step_ms, "{breakdown}");
+    for part in parts {
+        let rate = part["read_gb_per_s"].as_f64().unwrap();
+        assert!((0.1..1000.0).contains(&rate), "{part}");
+    }
+    // The head reads its 49152 x 576 f32 weights once a step.
+    let head = &parts[4];
+    let head_gb = 49152.0 * 576.0 * 4.0 / 1e9;
+    let head_ms = head["ms_per_step"].as_f64().unwrap();
+    let rate = head["read_gb_per_s"].as_f64().unwrap();
+    assert!(
+        (rate - head_gb / (head_ms / 1e3)).abs() < 1e-6 * rate,
+        "{head}"
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::rope::PairLayout;
+use super::step_tally::{self, Work};
 use super::team;
 
 /// `exp(x)` for f32, to about 2 ulp, written so the compiler vectorizes loops over it: range
@@ -405,15 +406,18 @@ pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) 
         candle_core::bail!("x is ({t}, {k}) but the weight is ({n}, {wk})")
     }
     let inputs: Vec<&Tensor> = [x].into_iter().chain(bias).collect();
-    let out_t = with_slices(&inputs, |ins| {
-        let (x, bias) = (ins[0], ins.get(1).copied());
-        match w.dtype() {
-            // Half the bytes of f32, widened exactly as they are read.
-            DType::BF16 => with_typed_slices(&[w], |ws| {
-                times_weight_rows(x, ws[0], bias, k, dot_rows_bf16)
-            }),
-            _ => with_slices(&[w], |ws| times_weight_rows(x, ws[0], bias, k, dot_rows)),
-        }
+    let weight_bytes = w.elem_count() * w.dtype().size_in_bytes();
+    let out_t = step_tally::timed(Work::Matrix { rows: n, cols: k }, weight_bytes, || {
+        with_slices(&inputs, |ins| {
+            let (x, bias) = (ins[0], ins.get(1).copied());
+            match w.dtype() {
+                // Half the bytes of f32, widened exactly as they are read.
+                DType::BF16 => with_typed_slices(&[w], |ws| {
+                    times_weight_rows(x, ws[0], bias, k, dot_rows_bf16)
+                }),
+                _ => with_slices(&[w], |ws| times_weight_rows(x, ws[0], bias, k, dot_rows)),
+            }
+        })
     })??;
     let out = Tensor::from_vec(out_t, (n, t), &Device::Cpu)?;
     if t == 1 {
@@ -623,6 +627,13 @@ const KEYS_PER_TASK: usize = 256;
 /// small matmuls and a softmax: 9 ms of a 33 ms step at 1024 keys (SmolLM2, 2 threads).
 /// Returns (T, nh * hd).
 pub fn few_query_attention(a: &FewQueries<'_>) -> Result<Tensor> {
+    let (nkv, n_keys, hd) = a.k.dims3()?;
+    // The keys and values read (not the RoPE tables, shared by every head and layer).
+    let cache_bytes = 2 * nkv * n_keys * hd * std::mem::size_of::<f32>();
+    step_tally::timed(Work::Attention, cache_bytes, || attend_few_queries(a))
+}
+
+fn attend_few_queries(a: &FewQueries<'_>) -> Result<Tensor> {
     let (nh, t, hd) = a.q.dims3()?;
     let (nkv, n_keys, _) = a.k.dims3()?;
     let n_sink = a.q_sink.map_or(0, |(n, _)| n);

@@ -22,6 +22,7 @@ pub mod neox;
 pub mod ops;
 pub mod random;
 pub mod rope;
+pub mod step_tally;
 pub mod team;
 pub mod weights;
 

@@ -76,6 +76,34 @@ pub struct TokenFloor {
     /// too short for it.
     #[serde(default)]
     pub paired: Vec<PairedRound>,
+    /// Where the paired rounds' steps went; absent from benches of before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_breakdown: Option<StepBreakdown>,
+}
+
+/// The paired rounds' one-token steps by kind of work: each kernel's wall time on the calling
+/// thread and the bytes it read (see `model::step_tally`), per step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepBreakdown {
+    pub steps: u64,
+    /// Mean wall time of a step, milliseconds.
+    #[serde(with = "float")]
+    pub step_ms: f64,
+    /// In `step_tally::Work`'s order: the weight matrices by shape, then attention.
+    pub parts: Vec<StepPart>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepPart {
+    /// `matrix ROWSxCOLS` (a weight matrix of that shape) or `attention` (keys and values).
+    pub work: String,
+    #[serde(with = "float")]
+    pub calls_per_step: f64,
+    #[serde(with = "float")]
+    pub ms_per_step: f64,
+    /// Bytes read over wall time (attention: its keys and values, not its RoPE tables).
+    #[serde(with = "float")]
+    pub read_gb_per_s: f64,
 }
 
 /// One round of the paired floor measurement: the read bandwidth (best of a few passes), then

@@ -87,8 +87,9 @@ pub fn timed<R>(work: Work, bytes: usize, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Keeps a tally, from zero, until [`Keeping::finish`] (or the guard's drop). One at a time:
-/// a second keeper shares the first's counts.
+/// Keeps a tally, from zero, until [`Keeping::finish`] (or the guard's drop). There is one
+/// tally per process: a second `keep` starts it from zero again, and either keeper's end stops
+/// it.
 pub fn keep() -> Keeping {
     TALLIES.lock().unwrap_or_else(|e| e.into_inner()).clear();
     KEEPING.store(true, Ordering::Relaxed);

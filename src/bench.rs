@@ -299,17 +299,17 @@ fn paired_floor(
     step(CACHE)?;
     let data = huge_pages::filled(BANDWIDTH_BUFFER / 4, 1.0f32);
     let mut paired = Vec::with_capacity(rounds);
-    let (mut tallies, mut stepping) = (Vec::new(), 0.0);
+    // The probe between the rounds runs no kernel, so one tally holds only the steps' work.
+    let tally = step_tally::keep();
+    let mut stepping = 0.0;
     for round in 0..rounds {
         let read_gb_per_s = best_read_bandwidth(&data, PAIRED_PASSES);
         let first = CACHE + 1 + round * steps;
-        let tally = step_tally::keep();
         let started = Instant::now();
         for i in first..first + steps {
             step(i)?;
         }
         let seconds = started.elapsed().as_secs_f64();
-        tallies.extend(tally.finish());
         stepping += seconds;
         let tokens_per_second = steps as f64 / seconds;
         paired.push(PairedRound {
@@ -319,26 +319,17 @@ fn paired_floor(
             share: tokens_per_second * weight_bytes as f64 / (read_gb_per_s * 1e9),
         });
     }
-    let breakdown = step_breakdown((rounds * steps) as u64, stepping, tallies);
+    let breakdown = step_breakdown((rounds * steps) as u64, stepping, tally.finish());
     Ok((paired, Some(breakdown)))
 }
 
-/// `tallies` (several rounds', each kind of work maybe more than once) summed by kind of work,
-/// per step of the `steps` that took `seconds`.
+/// `tallies` per step of the `steps` that took `seconds`.
 fn step_breakdown(steps: u64, seconds: f64, tallies: Vec<(Work, Tally)>) -> StepBreakdown {
-    let mut summed: Vec<(Work, Tally)> = Vec::new();
-    for (work, t) in tallies {
-        match summed.iter_mut().find(|(w, _)| *w == work) {
-            Some((_, sum)) => *sum += t,
-            None => summed.push((work, t)),
-        }
-    }
-    summed.sort_by_key(|(w, _)| *w);
     let per_step = |x: f64| x / steps.max(1) as f64;
     StepBreakdown {
         steps,
         step_ms: per_step(seconds * 1e3),
-        parts: (summed.into_iter())
+        parts: (tallies.into_iter())
             .map(|(work, t)| StepPart {
                 work: work.to_string(),
                 calls_per_step: per_step(t.calls as f64),

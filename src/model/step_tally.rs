@@ -45,14 +45,6 @@ pub struct Tally {
     pub bytes: u64,
 }
 
-impl std::ops::AddAssign for Tally {
-    fn add_assign(&mut self, other: Tally) {
-        self.calls += other.calls;
-        self.seconds += other.seconds;
-        self.bytes += other.bytes;
-    }
-}
-
 impl Tally {
     /// The rate its bytes were read at, GB/s.
     pub fn read_gb_per_s(&self) -> f64 {
@@ -79,11 +71,10 @@ pub fn timed<R>(work: Work, bytes: usize, f: impl FnOnce() -> R) -> R {
             tallies.len() - 1
         }
     };
-    tallies[at].1 += Tally {
-        calls: 1,
-        seconds,
-        bytes: bytes as u64,
-    };
+    let t = &mut tallies[at].1;
+    t.calls += 1;
+    t.seconds += seconds;
+    t.bytes += bytes as u64;
     out
 }
 

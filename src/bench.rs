@@ -194,6 +194,7 @@ pub fn run_bench(job: &BenchJob) -> Result<BenchReport> {
             kv_bytes_per_token: kv_bytes,
             floor_with_cache_tokens_per_second: read_gb_per_s * 1e9
                 / (weight_bytes + kv_bytes) as f64,
+            paired_slice_bytes: PAIRED_SLICE as u64,
             paired,
             step_breakdown,
         }
@@ -258,14 +259,18 @@ fn best_read_bandwidth(data: &[f32], passes: u32) -> f64 {
     best
 }
 
-/// Bandwidth passes of each round of the paired floor measurement.
-const PAIRED_PASSES: u32 = 3;
+/// Bytes of each slice of the probe's buffer the paired rounds read after a step: past the
+/// last-level cache (32 MiB on the 2-core EPYC), about 2 ms of reading.
+const PAIRED_SLICE: usize = 64 << 20;
 
-/// The token engine's share of the bandwidth floor measured in pairs: each of `rounds` reads
-/// the bandwidth, then times `steps` one-token steps of `sink:4+1020` over its full cache.
-/// This host's bandwidth moves by 2x between minutes, so a share from one probe and a run
-/// minutes away says as much about the minutes as about the engine. With the rounds, where
-/// their steps went. Empty when the corpus holds too few tokens (C + every round's steps + 1).
+/// The token engine's share of the bandwidth floor measured in pairs: each of `rounds` times
+/// `steps` one-token steps of `sink:4+1020` over its full cache, and after every step reads
+/// the next slice of the probe's buffer both ways ([`SlicedProbe`]), so that the steps and the
+/// probe sample the same seconds of the host. Its bandwidth moves by 2x within seconds: a probe
+/// before the round, of a tenth of a second, caught a fast or a slow second and set the round's
+/// floor from it (on the EPYC, 54% to 85% of the floor between the rounds of one bench). With
+/// the rounds, where their steps went. Empty when the corpus holds too few tokens (C + every
+/// round's steps + 1).
 fn paired_floor(
     model: &Model,
     tokenized: &TokenizedCorpus,
@@ -291,26 +296,28 @@ fn paired_floor(
     let mut engine = TokenEngine::new(model, strategy, true)?;
     engine.prefill(&tokens[..CACHE])?;
     // Fed token i scores token i + 1; the first step (untimed) fills the cache's last slot.
-    let mut step = |i: usize| -> Result<()> {
+    let mut step = |i: usize| -> Result<f64> {
+        let started = Instant::now();
         let hidden = engine.step(tokens[i])?;
         model.nll(&hidden, &[tokens[i + 1]])?;
-        Ok(())
+        Ok(started.elapsed().as_secs_f64())
     };
     step(CACHE)?;
     let data = huge_pages::filled(BANDWIDTH_BUFFER / 4, 1.0f32);
+    let mut probe = SlicedProbe::new(&data);
     let mut paired = Vec::with_capacity(rounds);
-    // The probe between the rounds runs no kernel, so one tally holds only the steps' work.
+    // The probe runs no kernel, so one tally holds only the steps' work.
     let tally = step_tally::keep();
     let mut stepping = 0.0;
     for round in 0..rounds {
-        let read_gb_per_s = best_read_bandwidth(&data, PAIRED_PASSES);
         let first = CACHE + 1 + round * steps;
-        let started = Instant::now();
+        let mut seconds = 0.0;
         for i in first..first + steps {
-            step(i)?;
+            seconds += step(i)?;
+            probe.read_slice();
         }
-        let seconds = started.elapsed().as_secs_f64();
         stepping += seconds;
+        let read_gb_per_s = probe.take_gb_per_s();
         let tokens_per_second = steps as f64 / seconds;
         paired.push(PairedRound {
             read_gb_per_s,
@@ -321,6 +328,55 @@ fn paired_floor(
     }
     let breakdown = step_breakdown((rounds * steps) as u64, stepping, tally.finish());
     Ok((paired, Some(breakdown)))
+}
+
+/// The bandwidth probe read in slices between other work: each slice of [`PAIRED_SLICE`] bytes
+/// (the next one of the buffer, round the end) summed both ways [`best_read_bandwidth`] sums,
+/// each way's bytes and seconds added up; the rate is the better way's.
+struct SlicedProbe<'a> {
+    data: &'a [f32],
+    next: usize,
+    /// Per way (without, with prefetch): bytes read and seconds taken since the last take.
+    read: [(f64, f64); 2],
+}
+
+impl<'a> SlicedProbe<'a> {
+    fn new(data: &'a [f32]) -> Self {
+        Self {
+            data,
+            next: 0,
+            read: [(0.0, 0.0); 2],
+        }
+    }
+
+    /// Reads the next slice both ways, a different slice each way.
+    fn read_slice(&mut self) {
+        let len = (PAIRED_SLICE / 4).min(self.data.len());
+        for (way, sum_of) in [sum_in_lanes, sum_in_lanes_prefetched]
+            .into_iter()
+            .enumerate()
+        {
+            if self.next + len > self.data.len() {
+                self.next = 0;
+            }
+            let slice = &self.data[self.next..self.next + len];
+            self.next += len;
+            let started = Instant::now();
+            let sum: f32 = slice.par_chunks(1 << 16).map(sum_of).sum();
+            self.read[way].1 += started.elapsed().as_secs_f64();
+            std::hint::black_box(sum);
+            self.read[way].0 += std::mem::size_of_val(slice) as f64;
+        }
+    }
+
+    /// GB/s of the better way since the last take, and a fresh start.
+    fn take_gb_per_s(&mut self) -> f64 {
+        let best = (self.read.iter())
+            .map(|(bytes, seconds)| bytes / seconds / 1e9)
+            .fold(0.0, f64::max);
+        self.read = [(0.0, 0.0); 2];
+        best
+    }
 }
 
 /// `tallies` per step of the `steps` that took `seconds`.
@@ -337,6 +393,7 @@ fn step_breakdown(steps: u64, seconds: f64, tallies: Vec<(Work, Tally)>) -> Step
                 read_gb_per_s: t.read_gb_per_s(),
             })
             .collect(),
+        weights_asked_ahead: Some(kernels::asks_for_weights()),
     }
 }
 
@@ -412,8 +469,12 @@ fn measure(
 /// Where the paired rounds' steps went, as a paragraph and a table, each kind of work's read
 /// rate beside `probe_gb_per_s` (the rounds' median bandwidth).
 fn step_breakdown_table(b: &StepBreakdown, probe_gb_per_s: f64) -> String {
+    let asking = match b.weights_asked_ahead {
+        Some(false) => "not asking for its weights ahead",
+        _ => "asking for its weights ahead",
+    };
     let mut s = format!(
-        "\n\nWhere the paired rounds' {} steps went ({:.2} ms a step; each kernel's wall time as its caller saw it; the probe read {probe_gb_per_s:.1} GB/s):\n\n\
+        "\n\nWhere the paired rounds' {} steps went ({:.2} ms a step; each kernel's wall time as its caller saw it, the matrix kernel {asking}; the probe read {probe_gb_per_s:.1} GB/s):\n\n\
          | work | calls a step | ms a step | read GB/s | of the probe |\n|---|---:|---:|---:|---:|\n",
         b.steps, b.step_ms
     );
@@ -492,9 +553,18 @@ pub fn markdown(r: &BenchReport) -> String {
                     )
                 })
                 .collect();
+            let steps = f.paired[0].steps;
+            let how = match f.paired_slice_bytes {
+                0 => format!(
+                    "the bandwidth (best of 3 passes) and then {steps} one-token steps over the full cache, seconds apart"
+                ),
+                slice => format!(
+                    "{steps} one-token steps over the full cache a round, each followed by reading a {:.0} MiB slice of the probe's buffer with and without prefetch, so that the steps and the bandwidth share the host's seconds",
+                    slice as f64 / (1u64 << 20) as f64
+                ),
+            };
             s += &format!(
-                " Measured in pairs instead, the bandwidth (best of {PAIRED_PASSES} passes) and then {} one-token steps over the full cache, seconds apart, in {} rounds: **{:.0}%** of each round's floor (median; {}).",
-                f.paired[0].steps,
+                " Measured in pairs instead, {how}, in {} rounds: **{:.0}%** of each round's floor (median; {}).",
                 f.paired.len(),
                 100.0 * median,
                 each.join(", ")

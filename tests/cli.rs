@@ -314,15 +314,28 @@ fn the_quick_bench_writes_its_report() {
             "{round}"
         );
     }
-    assert!(
-        std::fs::read_to_string(out_dir.join("smoke.md"))
-            .unwrap()
-            .contains("Measured in pairs instead"),
+    // Each round's bandwidth is read in 64 MiB slices between its steps.
+    assert_eq!(
+        floor["paired_slice_bytes"].as_u64(),
+        Some(64 << 20),
+        "{floor}"
     );
+    let md = std::fs::read_to_string(out_dir.join("smoke.md")).unwrap();
+    assert!(md.contains("Measured in pairs instead"), "{md}");
+    assert!(md.contains("64 MiB slice"), "{md}");
     // Where those 32 steps went: SmolLM2's five weight shapes (30 layers' QKV, output, gate and
     // up, down; one head) and 30 layers' attention, each over its own bytes, within the steps.
     let breakdown = &floor["step_breakdown"];
     assert_eq!(breakdown["steps"].as_u64(), Some(32), "{breakdown}");
+    // The matrix kernel asks for its weights ahead on Intel CPUs, not on AMD's.
+    let amd = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .contains("AuthenticAMD");
+    assert_eq!(
+        breakdown["weights_asked_ahead"].as_bool(),
+        Some(!amd),
+        "{breakdown}"
+    );
     let parts = breakdown["parts"].as_array().unwrap();
     let calls: Vec<(&str, f64)> = (parts.iter())
         .map(|p| {

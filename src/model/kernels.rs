@@ -410,12 +410,21 @@ pub fn few_rows_times_transposed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) 
     let out_t = step_tally::timed(Work::Matrix { rows: n, cols: k }, weight_bytes, || {
         with_slices(&inputs, |ins| {
             let (x, bias) = (ins[0], ins.get(1).copied());
+            let asking = asks_for_weights();
             match w.dtype() {
                 // Half the bytes of f32, widened exactly as they are read.
                 DType::BF16 => with_typed_slices(&[w], |ws| {
-                    times_weight_rows(x, ws[0], bias, k, dot_rows_bf16)
+                    let dot = if asking {
+                        dot_rows_bf16_asking
+                    } else {
+                        dot_rows_bf16
+                    };
+                    times_weight_rows(x, ws[0], bias, k, dot)
                 }),
-                _ => with_slices(&[w], |ws| times_weight_rows(x, ws[0], bias, k, dot_rows)),
+                _ => with_slices(&[w], |ws| {
+                    let dot = if asking { dot_rows_asking } else { dot_rows };
+                    times_weight_rows(x, ws[0], bias, k, dot)
+                }),
             }
         })
     })??;
@@ -535,23 +544,69 @@ impl WeightElement for half::bf16 {
 
 simd_dispatch!(fn dot_rows(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) = dot_rows_generic);
 simd_dispatch!(fn dot_rows_bf16(dst: &mut [f32], w: &[half::bf16], x: &[f32], k: usize) = dot_rows_generic);
+simd_dispatch!(fn dot_rows_asking(dst: &mut [f32], w: &[f32], x: &[f32], k: usize) = dot_rows_asking_generic);
+simd_dispatch!(fn dot_rows_bf16_asking(dst: &mut [f32], w: &[half::bf16], x: &[f32], k: usize) = dot_rows_asking_generic);
 
 /// `dst[c * t + r] = w row c . x row r` for the weight rows in `w` and the `t` rows of `x`.
 #[inline(always)]
 fn dot_rows_generic<W: WeightElement>(dst: &mut [f32], w: &[W], x: &[f32], k: usize) {
+    dot_rows_with(dst, w, x, k, |_| ())
+}
+
+/// [`dot_rows_generic`] asking for the weights [`PREFETCH_AHEAD`] bytes ahead of its reads.
+#[inline(always)]
+fn dot_rows_asking_generic<W: WeightElement>(dst: &mut [f32], w: &[W], x: &[f32], k: usize) {
+    dot_rows_with(dst, w, x, k, prefetch_ahead)
+}
+
+#[inline(always)]
+fn dot_rows_with<W: WeightElement>(
+    dst: &mut [f32],
+    w: &[W],
+    x: &[f32],
+    k: usize,
+    ask_ahead: impl Fn(&[W]) + Copy,
+) {
     let t = x.len() / k;
     for (w_row, d) in w.chunks_exact(k).zip(dst.chunks_exact_mut(t)) {
         for (x_row, v) in x.chunks_exact(k).zip(d) {
-            *v = lane_dot_asking(w_row, x_row, prefetch_ahead);
+            *v = lane_dot_asking(w_row, x_row, ask_ahead);
         }
     }
 }
 
-/// How far ahead of its reads the matrix-vector kernel asks for weights. The hardware's
-/// stream prefetcher stops at every 4 KiB page; asking 2 KiB ahead keeps lines in flight
-/// across the boundaries. On the 2-core Xeon here, one thread's dot products over SmolLM2's
-/// weights went from 8.2 to 11.2 GB/s (9.7 to 14.6 on huge pages); 1 and 4 KiB were slower.
+/// How far ahead of its reads the matrix-vector kernel asks for weights, where it asks
+/// ([`asks_for_weights`]). The hardware's stream prefetcher stops at every 4 KiB page; asking
+/// 2 KiB ahead keeps lines in flight across the boundaries. On the 2-core Xeon here, one
+/// thread's dot products over SmolLM2's weights went from 8.2 to 11.2 GB/s (9.7 to 14.6 on huge
+/// pages); 1 and 4 KiB were slower.
 pub const PREFETCH_AHEAD: usize = 2048;
+
+/// Whether the matrix-vector kernel asks for its weights ahead: on Intel CPUs yes (see
+/// [`PREFETCH_AHEAD`]), on AMD's no. On the 2-core AMD EPYC (Zen 4) here the asks cost speed,
+/// the more so the faster the host's memory ran: the bench's paired steps over the full
+/// `sink:4+1020` cache, asking and not asking on alternate steps, ran 65.2/67.8/63.1 against
+/// 71.9/77.2/67.8 tok/s in rounds where the probe read 51-60 GB/s and 51.5-52.2 against
+/// 52.1-53.6 where it read 34-35; asking 6 KiB ahead was slower still (54-62 against 62-73).
+pub fn asks_for_weights() -> bool {
+    static ASKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ASKS.get_or_init(|| !cpu_is_amd())
+}
+
+/// Whether the CPU's vendor is AMD (CPUID leaf 0's "AuthenticAMD").
+fn cpu_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Asks for the cache line `PREFETCH_AHEAD` bytes past `at` (it may point past the slice).
 #[inline(always)]

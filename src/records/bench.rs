@@ -71,7 +71,12 @@ pub struct TokenFloor {
     /// read_gb_per_s / (weight + KV bytes): the floor of a step over that cache.
     #[serde(default, with = "float")]
     pub floor_with_cache_tokens_per_second: f64,
-    /// The same share measured in pairs seconds apart (bandwidth, then token-engine steps),
+    /// How the paired rounds read the bandwidth: 0 (benches before it was recorded) a probe of
+    /// 3 passes before each round's steps; else a slice of this many bytes of the probe's
+    /// buffer after each step, both ways, the round's rate the better way's over its slices.
+    #[serde(default)]
+    pub paired_slice_bytes: u64,
+    /// The same share measured in pairs (token-engine steps and the bandwidth beside them),
     /// round by round; empty in benches from before it was recorded, or when the corpus was
     /// too short for it.
     #[serde(default)]
@@ -91,6 +96,11 @@ pub struct StepBreakdown {
     pub step_ms: f64,
     /// In `step_tally::Work`'s order: the weight matrices by shape, then attention.
     pub parts: Vec<StepPart>,
+    /// Whether the matrix kernel asked for its weights ahead of its reads (it does on Intel
+    /// CPUs, not on AMD's: `model::kernels::asks_for_weights`); absent from benches of before
+    /// it was recorded (they asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_asked_ahead: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

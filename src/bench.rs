@@ -317,7 +317,7 @@ fn paired_floor(
             probe.read_slice();
         }
         stepping += seconds;
-        let read_gb_per_s = probe.take_gb_per_s();
+        let read_gb_per_s = probe.take_round_gb_per_s();
         let tokens_per_second = steps as f64 / seconds;
         paired.push(PairedRound {
             read_gb_per_s,
@@ -326,18 +326,26 @@ fn paired_floor(
             share: tokens_per_second * weight_bytes as f64 / (read_gb_per_s * 1e9),
         });
     }
-    let breakdown = step_breakdown((rounds * steps) as u64, stepping, tally.finish());
+    let breakdown = step_breakdown(
+        (rounds * steps) as u64,
+        stepping,
+        tally.finish(),
+        probe.all_gb_per_s(),
+    );
     Ok((paired, Some(breakdown)))
 }
 
 /// The bandwidth probe read in slices between other work: each slice of [`PAIRED_SLICE`] bytes
 /// (the next one of the buffer, round the end) summed both ways [`best_read_bandwidth`] sums,
-/// each way's bytes and seconds added up; the rate is the better way's.
+/// each way's bytes and seconds added up, for the round and for all rounds; a rate is the
+/// better way's.
 struct SlicedProbe<'a> {
     data: &'a [f32],
     next: usize,
     /// Per way (without, with prefetch): bytes read and seconds taken since the last take.
-    read: [(f64, f64); 2],
+    round: [(f64, f64); 2],
+    /// The same over every slice read.
+    all: [(f64, f64); 2],
 }
 
 impl<'a> SlicedProbe<'a> {
@@ -345,7 +353,8 @@ impl<'a> SlicedProbe<'a> {
         Self {
             data,
             next: 0,
-            read: [(0.0, 0.0); 2],
+            round: [(0.0, 0.0); 2],
+            all: [(0.0, 0.0); 2],
         }
     }
 
@@ -363,24 +372,42 @@ impl<'a> SlicedProbe<'a> {
             self.next += len;
             let started = Instant::now();
             let sum: f32 = slice.par_chunks(1 << 16).map(sum_of).sum();
-            self.read[way].1 += started.elapsed().as_secs_f64();
+            let seconds = started.elapsed().as_secs_f64();
             std::hint::black_box(sum);
-            self.read[way].0 += std::mem::size_of_val(slice) as f64;
+            for read in [&mut self.round[way], &mut self.all[way]] {
+                read.0 += std::mem::size_of_val(slice) as f64;
+                read.1 += seconds;
+            }
         }
     }
 
     /// GB/s of the better way since the last take, and a fresh start.
-    fn take_gb_per_s(&mut self) -> f64 {
-        let best = (self.read.iter())
-            .map(|(bytes, seconds)| bytes / seconds / 1e9)
-            .fold(0.0, f64::max);
-        self.read = [(0.0, 0.0); 2];
-        best
+    fn take_round_gb_per_s(&mut self) -> f64 {
+        let rate = better_rate(&self.round);
+        self.round = [(0.0, 0.0); 2];
+        rate
+    }
+
+    /// GB/s of the better way over every slice read.
+    fn all_gb_per_s(&self) -> f64 {
+        better_rate(&self.all)
     }
 }
 
-/// `tallies` per step of the `steps` that took `seconds`.
-fn step_breakdown(steps: u64, seconds: f64, tallies: Vec<(Work, Tally)>) -> StepBreakdown {
+/// GB/s of the faster of two ways' (bytes, seconds).
+fn better_rate(ways: &[(f64, f64); 2]) -> f64 {
+    (ways.iter())
+        .map(|(bytes, seconds)| bytes / seconds / 1e9)
+        .fold(0.0, f64::max)
+}
+
+/// `tallies` per step of the `steps` that took `seconds`, with the probe's rate beside them.
+fn step_breakdown(
+    steps: u64,
+    seconds: f64,
+    tallies: Vec<(Work, Tally)>,
+    probe_gb_per_s: f64,
+) -> StepBreakdown {
     let per_step = |x: f64| x / steps.max(1) as f64;
     StepBreakdown {
         steps,
@@ -394,6 +421,7 @@ fn step_breakdown(steps: u64, seconds: f64, tallies: Vec<(Work, Tally)>) -> Step
             })
             .collect(),
         weights_asked_ahead: Some(kernels::asks_for_weights()),
+        probe_gb_per_s: Some(probe_gb_per_s),
     }
 }
 
@@ -467,14 +495,15 @@ fn measure(
 }
 
 /// Where the paired rounds' steps went, as a paragraph and a table, each kind of work's read
-/// rate beside `probe_gb_per_s` (the rounds' median bandwidth).
+/// rate beside `probe_gb_per_s` (the probe's rate between the steps; in benches before it was
+/// recorded, the rounds' median).
 fn step_breakdown_table(b: &StepBreakdown, probe_gb_per_s: f64) -> String {
     let asking = match b.weights_asked_ahead {
         Some(false) => "not asking for its weights ahead",
         _ => "asking for its weights ahead",
     };
     let mut s = format!(
-        "\n\nWhere the paired rounds' {} steps went ({:.2} ms a step; each kernel's wall time as its caller saw it, the matrix kernel {asking}; the probe read {probe_gb_per_s:.1} GB/s):\n\n\
+        "\n\nWhere the paired rounds' {} steps went ({:.2} ms a step; each kernel's wall time as its caller saw it, the matrix kernel {asking}; the probe read {probe_gb_per_s:.1} GB/s between them):\n\n\
          | work | calls a step | ms a step | read GB/s | of the probe |\n|---|---:|---:|---:|---:|\n",
         b.steps, b.step_ms
     );
@@ -580,8 +609,9 @@ pub fn markdown(r: &BenchReport) -> String {
             );
         }
         if let Some(b) = &f.step_breakdown {
-            let probe = crate::report::median(f.paired.iter().map(|p| p.read_gb_per_s).collect());
-            s += &step_breakdown_table(b, probe);
+            let median =
+                || crate::report::median(f.paired.iter().map(|p| p.read_gb_per_s).collect());
+            s += &step_breakdown_table(b, b.probe_gb_per_s.unwrap_or_else(median));
         }
     }
     s + "\n"

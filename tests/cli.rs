@@ -336,6 +336,9 @@ fn the_quick_bench_writes_its_report() {
         Some(!amd),
         "{breakdown}"
     );
+    // The parts are set against the probe read between these steps.
+    let probe = breakdown["probe_gb_per_s"].as_f64().unwrap();
+    assert!((1.0..1000.0).contains(&probe), "{breakdown}");
     let parts = breakdown["parts"].as_array().unwrap();
     let calls: Vec<(&str, f64)> = (parts.iter())
         .map(|p| {

@@ -101,6 +101,15 @@ pub struct StepBreakdown {
     /// it was recorded (they asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_asked_ahead: Option<bool>,
+    /// The probe's read rate over all the slices read between these steps (bytes over
+    /// seconds), what each part's rate is set against; absent from benches of before it was
+    /// recorded (their parts were set against the rounds' median probe).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "float::option"
+    )]
+    pub probe_gb_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

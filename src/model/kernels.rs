@@ -587,7 +587,8 @@ pub const PREFETCH_AHEAD: usize = 2048;
 /// the more so the faster the host's memory ran: the bench's paired steps over the full
 /// `sink:4+1020` cache, asking and not asking on alternate steps, ran 65.2/67.8/63.1 against
 /// 71.9/77.2/67.8 tok/s in rounds where the probe read 51-60 GB/s and 51.5-52.2 against
-/// 52.1-53.6 where it read 34-35; asking 6 KiB ahead was slower still (54-62 against 62-73).
+/// 52.1-53.6 where it read 34-35; asking 6 KiB ahead was slower still (51.1-62.3 against
+/// 53.4-72.7).
 pub fn asks_for_weights() -> bool {
     static ASKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ASKS.get_or_init(|| !cpu_is_amd())

@@ -248,15 +248,23 @@ fn best_read_bandwidth(data: &[f32], passes: u32) -> f64 {
     let bytes = std::mem::size_of_val(data);
     let mut best = 0.0f64;
     for _ in 0..passes {
-        for sum_of in [sum_in_lanes, sum_in_lanes_prefetched] {
-            let started = Instant::now();
-            let sum: f32 = data.par_chunks(1 << 16).map(sum_of).sum();
-            let seconds = started.elapsed().as_secs_f64();
-            std::hint::black_box(sum);
-            best = best.max(bytes as f64 / seconds / 1e9);
+        for sum_of in PROBE_WAYS {
+            best = best.max(bytes as f64 / seconds_to_sum(data, sum_of) / 1e9);
         }
     }
     best
+}
+
+/// The probe's two ways of reading: without and with asking for the data ahead.
+const PROBE_WAYS: [fn(&[f32]) -> f32; 2] = [sum_in_lanes, sum_in_lanes_prefetched];
+
+/// Seconds to sum `data` one way on the engines' threads.
+fn seconds_to_sum(data: &[f32], sum_of: fn(&[f32]) -> f32) -> f64 {
+    let started = Instant::now();
+    let sum: f32 = data.par_chunks(1 << 16).map(sum_of).sum();
+    let seconds = started.elapsed().as_secs_f64();
+    std::hint::black_box(sum);
+    seconds
 }
 
 /// Bytes of each slice of the probe's buffer the paired rounds read after a step: past the
@@ -337,14 +345,14 @@ fn paired_floor(
 
 /// The bandwidth probe read in slices between other work: each slice of [`PAIRED_SLICE`] bytes
 /// (the next one of the buffer, round the end) summed both ways [`best_read_bandwidth`] sums,
-/// each way's bytes and seconds added up, for the round and for all rounds; a rate is the
-/// better way's.
+/// each way's bytes and seconds added up for the round and, once taken, over the rounds; a
+/// rate is the better way's.
 struct SlicedProbe<'a> {
     data: &'a [f32],
     next: usize,
     /// Per way (without, with prefetch): bytes read and seconds taken since the last take.
     round: [(f64, f64); 2],
-    /// The same over every slice read.
+    /// The same over the rounds taken.
     all: [(f64, f64); 2],
 }
 
@@ -361,34 +369,29 @@ impl<'a> SlicedProbe<'a> {
     /// Reads the next slice both ways, a different slice each way.
     fn read_slice(&mut self) {
         let len = (PAIRED_SLICE / 4).min(self.data.len());
-        for (way, sum_of) in [sum_in_lanes, sum_in_lanes_prefetched]
-            .into_iter()
-            .enumerate()
-        {
+        for (read, sum_of) in self.round.iter_mut().zip(PROBE_WAYS) {
             if self.next + len > self.data.len() {
                 self.next = 0;
             }
             let slice = &self.data[self.next..self.next + len];
             self.next += len;
-            let started = Instant::now();
-            let sum: f32 = slice.par_chunks(1 << 16).map(sum_of).sum();
-            let seconds = started.elapsed().as_secs_f64();
-            std::hint::black_box(sum);
-            for read in [&mut self.round[way], &mut self.all[way]] {
-                read.0 += std::mem::size_of_val(slice) as f64;
-                read.1 += seconds;
-            }
+            read.0 += std::mem::size_of_val(slice) as f64;
+            read.1 += seconds_to_sum(slice, sum_of);
         }
     }
 
     /// GB/s of the better way since the last take, and a fresh start.
     fn take_round_gb_per_s(&mut self) -> f64 {
         let rate = better_rate(&self.round);
-        self.round = [(0.0, 0.0); 2];
+        for (all, round) in self.all.iter_mut().zip(&mut self.round) {
+            all.0 += round.0;
+            all.1 += round.1;
+            *round = (0.0, 0.0);
+        }
         rate
     }
 
-    /// GB/s of the better way over every slice read.
+    /// GB/s of the better way over the rounds taken.
     fn all_gb_per_s(&self) -> f64 {
         better_rate(&self.all)
     }
